@@ -1,0 +1,106 @@
+"""create_app: the only place where the proxy's objects are wired together.
+
+Every dependency a test may replace is a keyword argument with a production default (``clock``, ``registry``,
+``rng``). The client sessions live in the data app's cleanup context: created on start-up, closed on clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from .config import Config, UpstreamConfig
+from .forwarding import Forwarder
+from .health import create_admin_app
+from .metrics import Metrics
+from .reload import ConfigHolder
+from .runtime import RUNTIME, Runtime
+from .token_client import TokenClient
+from .tokens import TokenManager
+
+log = logging.getLogger("st_proxy.app")
+
+__all__ = ["create_app", "create_admin_app", "RUNTIME"]
+
+
+def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float) -> aiohttp.ClientSession:
+    ssl_context: ssl.SSLContext | bool = True
+    if upstream.ca_file:
+        ssl_context = ssl.create_default_context()
+        ssl_context.load_verify_locations(cafile=upstream.ca_file)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=ssl_context),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
+                                      sock_read=read_timeout),
+        cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
+        auto_decompress=False,  # Content-Encoding passes through untouched
+        trust_env=True,  # HTTPS_PROXY / NO_PROXY
+    )
+
+
+def create_app(
+    config: Config,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+    prewarm: bool = True,
+) -> web.Application:
+    """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app."""
+    runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
+    runtime.metrics.set_tenants(config.tenants)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        current = runtime.holder.current
+        runtime.api_session = _session(current.upstream, limit=current.upstream.max_connections,
+                                       read_timeout=current.upstream.read_timeout_seconds)
+        # Token requests get their own pool so they never queue behind slow export downloads.
+        runtime.token_session = _session(current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds)
+        client = TokenClient(runtime.token_session, client_auth=current.tokens.client_auth,
+                             scope=current.tokens.scope, clock=clock)
+        runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
+        runtime.metrics.watch_expiries(lambda: _expiries(runtime))
+        warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
+        if not prewarm:
+            for tenant in current.tenants.values():
+                runtime.tokens.entry(tenant).attempted.set()
+        yield
+        if warm is not None:
+            warm.cancel()
+            await asyncio.gather(warm, return_exceptions=True)
+        await runtime.tokens.close()
+        await runtime.api_session.close()
+        await runtime.token_session.close()
+
+    forwarder = Forwarder(
+        config=lambda: runtime.holder.current,
+        tokens=lambda: _require(runtime.tokens),
+        session=lambda: _require(runtime.api_session),
+        metrics=runtime.metrics,
+    )
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    return app
+
+
+def _require(value):
+    if value is None:
+        raise RuntimeError("the proxy app is not started")
+    return value
+
+
+def _expiries(runtime: Runtime):
+    manager = runtime.tokens
+    for tenant in runtime.holder.current.tenants.values():
+        token = manager.entry(tenant).token if manager else None
+        yield tenant.tenant_id, token.expires_at if token else None

@@ -1,0 +1,250 @@
+"""The streaming handler: one caller request in, one ServiceTitan request out, the answer streamed back.
+
+Path, query, method and body are forwarded exactly as received (design.md section 1). Bodies are never read whole,
+except one that fits ``tokens.replay_body_limit_bytes`` and declared its length: that one is kept so the request can be
+replayed once with a new token after an upstream 401 (design.md section 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from . import headers as hdrs
+from . import log as access_log
+from .config import Config, Tenant
+from .errors import (
+    ProxyError,
+    RequestError,
+    UnknownTenant,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    problem_response,
+)
+from .metrics import Metrics
+from .routing import DIGITS, resolve_tenant
+from .token_client import Token
+from .tokens import TokenManager
+
+log = logging.getLogger("st_proxy.forwarding")
+
+CHUNK = 64 * 1024
+APP_KEY_TITLE = "Application key"  # ServiceTitan's app-key 401s: a new token cannot fix them (servicetitan.md)
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+class _Exchange:
+    """What the access log line and the metrics need to know about one request."""
+
+    __slots__ = ("tenant", "status", "error", "upstream_ms", "bytes", "trace_id")
+
+    def __init__(self) -> None:
+        self.tenant: str | None = None
+        self.status = 500
+        self.error: str | None = None
+        self.upstream_ms: float | None = None
+        self.bytes = 0
+        self.trace_id: str | None = None
+
+
+def _upstream_failure(exc: BaseException, tenant: str) -> tuple[str, UpstreamError]:
+    """Map a client exception to (metric kind, proxy error)."""
+    if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's ServerTimeoutError and ConnectionTimeoutError
+        return "timeout", UpstreamTimeout("the ServiceTitan API did not answer in time", tenant=tenant)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect", UpstreamUnreachable("cannot connect to the ServiceTitan API", tenant=tenant)
+    return "reset", UpstreamUnreachable("the ServiceTitan API closed the connection", tenant=tenant)
+
+
+def _trace_id(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    trace = data.get("traceId") if isinstance(data, dict) else None
+    return trace if isinstance(trace, str) and len(trace) <= 128 else None
+
+
+class Forwarder:
+    def __init__(
+        self,
+        *,
+        config: Callable[[], Config],
+        tokens: Callable[[], TokenManager],
+        session: Callable[[], aiohttp.ClientSession],
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._tokens = tokens
+        self._session = session
+        self._metrics = metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = hdrs.request_id(request.headers)
+        ex = _Exchange()
+        self._metrics.in_flight.inc()
+        try:
+            try:
+                response = await self._route_and_forward(request, request_id, ex)
+            except ProxyError as error:
+                ex.error = error.code
+                response = problem_response(error, request_id)
+                await response.prepare(request)
+                await response.write_eof()
+                ex.bytes = len(response.body or b"")
+            ex.status = response.status
+            return response
+        finally:
+            seconds = time.perf_counter() - started
+            self._metrics.in_flight.dec()
+            self._metrics.request_done(ex.tenant, request.method, ex.status, seconds)
+            fields = dict(
+                request_id=request_id, tenant=ex.tenant, method=request.method, path=request.path,
+                status=ex.status, duration_ms=round(seconds * 1000, 2), upstream_ms=ex.upstream_ms, bytes=ex.bytes,
+            )
+            if ex.error:
+                fields["error"] = ex.error
+            if ex.trace_id:
+                fields["trace_id"] = ex.trace_id
+            access_log.access(**fields)
+
+    async def _route_and_forward(self, request: web.Request, request_id: str, ex: _Exchange) -> web.StreamResponse:
+        config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
+        # Only origin-form targets: an absolute-form target or CONNECT could aim the proxy at another host
+        # (design.md section 4).
+        if not request.raw_path.startswith("/") or request.method == "CONNECT":
+            raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
+        header = config.routing.tenant_header
+        named = request.headers.get(header, "").strip() if header else ""
+        ex.tenant = named if DIGITS.match(named) else None
+        tenant_id = resolve_tenant(request.path, request.headers, config.routing)
+        ex.tenant = tenant_id
+        tenant = config.tenants.get(tenant_id)
+        if tenant is None:
+            raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
+        return await self._forward(request, config, tenant, request_id, ex)
+
+    async def _forward(
+        self, request: web.Request, config: Config, tenant: Tenant, request_id: str, ex: _Exchange
+    ) -> web.StreamResponse:
+        tokens = self._tokens()
+        body: bytes | aiohttp.StreamReader | None = None
+        replayable = True
+        if request.body_exists:
+            length = request.content_length
+            if length is not None and length <= config.tokens.replay_body_limit_bytes:
+                try:
+                    body = await request.content.readexactly(length)
+                except asyncio.IncompleteReadError:
+                    raise RequestError("the request body ended before its Content-Length", tenant=tenant.tenant_id)
+            else:
+                body, replayable = request.content, False
+        url = URL(tenant.environment.api_url + request.raw_path, encoded=True)  # no re-encoding (design.md 6)
+
+        token = await tokens.get(tenant)
+        upstream = await self._send(request, config, tenant, token, url, body, request_id, ex)
+        if upstream.status == 401 and replayable:
+            error_body = await upstream.content.read(ERROR_BODY_LIMIT)
+            title = ""
+            try:
+                parsed = json.loads(error_body)
+                title = parsed.get("title", "") if isinstance(parsed, dict) else ""
+            except ValueError:
+                pass
+            if isinstance(title, str) and title.startswith(APP_KEY_TITLE):
+                return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+            upstream.release()
+            tokens.invalidate(tenant, token)
+            token = await tokens.get(tenant)
+            tokens.entry(tenant).replays += 1
+            self._metrics.token_replayed(tenant.tenant_id)
+            upstream = await self._send(request, config, tenant, token, url, body, request_id, ex)
+        return await self._relay(request, upstream, tenant, request_id, ex)
+
+    async def _send(
+        self,
+        request: web.Request,
+        config: Config,
+        tenant: Tenant,
+        token: Token,
+        url: URL,
+        body: bytes | aiohttp.StreamReader | None,
+        request_id: str,
+        ex: _Exchange,
+    ) -> aiohttp.ClientResponse:
+        out_headers = hdrs.upstream_request_headers(
+            request.headers,
+            tenant_header=config.routing.tenant_header,
+            authorization=config.tokens.authorization_prefix + token.access_token,
+            app_key=tenant.app_key.reveal(),
+            request_id=request_id,
+        )
+        sent = time.perf_counter()
+        try:
+            upstream = await self._session().request(
+                request.method, url, headers=out_headers, data=body, allow_redirects=False,
+                skip_auto_headers=hdrs.NO_AUTO_HEADERS,
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            kind, error = _upstream_failure(exc, tenant.tenant_id)
+            self._metrics.upstream_error(tenant.tenant_id, kind)
+            log.debug("upstream failure for tenant %s: %s", tenant.tenant_id, type(exc).__name__)
+            raise error from None
+        ex.upstream_ms = round((time.perf_counter() - sent) * 1000, 2)
+        return upstream
+
+    async def _relay_buffered(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, body: bytes, request_id: str, ex: _Exchange
+    ) -> web.StreamResponse:
+        rest = await upstream.read() if not upstream.content.at_eof() else b""
+        upstream.release()
+        ex.trace_id = _trace_id(body + rest)
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, body=body + rest,
+            headers=hdrs.downstream_response_headers(upstream.headers, request_id),
+        )
+        ex.bytes = len(body + rest)
+        return response
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, tenant: Tenant, request_id: str, ex: _Exchange
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=hdrs.downstream_response_headers(upstream.headers, request_id),
+        )
+        if upstream.content_length is not None and upstream.status not in (204, 304) and upstream.status >= 200:
+            response.content_length = upstream.content_length
+        want_trace = upstream.status >= 400
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(CHUNK):
+                if want_trace and ex.bytes == 0:
+                    ex.trace_id = _trace_id(chunk)
+                ex.bytes += len(chunk)
+                await response.write(chunk)
+            await response.write_eof()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # The status line is already on its way: all that is left is to cut the connection so the caller sees a
+            # truncated answer instead of a complete-looking one.
+            kind, _ = _upstream_failure(exc, tenant.tenant_id)
+            self._metrics.upstream_error(tenant.tenant_id, kind)
+            log.warning("upstream answer for tenant %s broke off after %d bytes (%s)", tenant.tenant_id, ex.bytes,
+                        type(exc).__name__, extra={"request_id": request_id})
+            ex.error = f"upstream_{kind}_midstream"
+            if request.transport is not None:
+                request.transport.abort()
+        except (ConnectionResetError, ConnectionError):
+            ex.error = "caller_disconnected"
+        finally:
+            upstream.release()
+        return response

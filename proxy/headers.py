@@ -1,0 +1,70 @@
+"""What travels and what does not: the one place that decides which headers are stripped and which are added."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 section 7.6.1: connection-specific fields, never forwarded by a proxy, plus the ones RFC 9112 and common
+# practice treat the same way.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+# Credentials the proxy owns: whatever the caller sent is replaced (servicetitan.md, "Calling the API").
+CREDENTIALS = frozenset({"authorization", "st-app-key"})
+REQUEST_ID = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    listed = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return listed
+
+
+def request_id(headers: CIMultiDictProxy[str]) -> str:
+    """Keep the caller's id when it is a plain token, so traces join up; otherwise make one."""
+    given = headers.get(REQUEST_ID)
+    if given and _SANE_REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    tenant_header: str | None,
+    authorization: str,
+    app_key: str,
+    request_id: str,
+) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | CREDENTIALS | _connection_listed(incoming) | {"host", REQUEST_ID.lower()}
+    if tenant_header:
+        drop |= {tenant_header.lower()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith("proxy-"):
+            continue
+        out.add(name, value)
+    out["Authorization"] = authorization
+    out["ST-App-Key"] = app_key
+    out[REQUEST_ID] = request_id
+    return out
+
+
+def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _connection_listed(upstream) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    out.setdefault(REQUEST_ID, request_id)
+    return out
+
+# Headers aiohttp's client would invent. The caller's own are forwarded; none is added (design.md section 6: an
+# added Accept-Encoding would hand callers compressed bodies they never asked for).
+NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})

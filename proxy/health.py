@@ -1,0 +1,61 @@
+"""The admin port: /healthz, /readyz, /metrics, /tenants. Never on the data port; never a secret or a token."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from .runtime import RUNTIME, Runtime
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt: Runtime = request.app[RUNTIME]
+    if rt.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not rt.ready():
+        return web.json_response({"status": "starting", "waiting_for": rt.pending_tenants()}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def tenants(request: web.Request) -> web.Response:
+    rt: Runtime = request.app[RUNTIME]
+    manager = rt.tokens
+    now = rt.clock()
+    result = []
+    for tenant in rt.holder.current.tenants.values():
+        entry = manager.entry(tenant) if manager else None
+        token = entry.token if entry else None
+        result.append({
+            "id": tenant.tenant_id,
+            "environment": tenant.environment.name,
+            "token": {
+                "state": entry.state(now, manager.skew(token) if token else 0) if entry and manager else "none",
+                "expires_at": _rfc3339(token.expires_at) if token else None,
+                "last_fetch": _rfc3339(entry.last_fetch) if entry else None,
+                "last_error": entry.last_error if entry else None,
+            },
+            "replays": entry.replays if entry else 0,
+        })
+    return web.json_response({"tenants": result})
+
+
+def create_admin_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/tenants", tenants)
+    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry))
+    return app
