@@ -1,24 +1,36 @@
-"""The configuration: frozen dataclasses, and the one loader that builds them.
+"""The configuration: frozen dataclasses, and the loaders that build them.
 
 Loading validates everything and reports every problem at once, each prefixed by its path
 (``tenants.42.client_secret: env var ST_X is not set``), in a single ``ConfigError``. Secrets are resolved at load, so a
-``Config`` that exists is complete: the request path only reads it. Nothing else in the package reads the environment;
-``from_environment`` takes the environment as an argument.
+``Config`` that exists is complete: the request path only reads it. Nothing else in the package reads the environment,
+and ``from_environment`` / ``load_file`` take it as an argument. The one-value parsers live in ``config_parse.py``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
-import yaml
-
+from . import config_env
+from .config_parse import (
+    HEADER_NAME,
+    Address,
+    addresses_clash,
+    describe,
+    is_loopback,
+    parse_address,
+    parse_tenant_id,
+    parse_url,
+    parse_value,
+    parse_yaml,
+)
 from .secret_source import Secret, SecretError, SecretRef, parse_ref, resolve
+
+__all__ = ["Address", "Config", "ConfigError", "Environment", "Tenant", "from_environment", "from_mapping",
+           "load_file", "parse_address", "summary"]
 
 BUILTIN_ENVIRONMENTS = {
     "integration": {
@@ -31,8 +43,9 @@ BUILTIN_ENVIRONMENTS = {
     },
 }
 CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic")
-TENANT_ID = re.compile(r"^[0-9]{1,20}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 section 5.6.2 token
+# Headers the proxy itself sets or strips (headers.py): routing on one of them would make no sense.
+RESERVED_HEADERS = frozenset({"authorization", "st-app-key", "host", "connection", "content-length",
+                              "transfer-encoding", "x-request-id"})
 
 
 class ConfigError(Exception):
@@ -41,15 +54,6 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -124,20 +128,20 @@ class Config:
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
 
 
-# Each section's fields: name -> (kind, check). kinds: "seconds" (number >= 0), "positive_int", "int0", "str", "ostr".
-_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
+# Each section's settings and their kinds (config_parse.parse_value).
+_SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     "tokens": (
         TokenConfig,
         {
             "refresh_ahead_seconds": "seconds",
             "expiry_skew_seconds": "seconds",
-            "client_auth": "client_auth",
+            "client_auth": CLIENT_AUTH_METHODS,
             "authorization_prefix": "str",
             "fetch_timeout_seconds": "positive_seconds",
             "rejected_cooloff_seconds": "seconds",
             "replay_body_limit_bytes": "int0",
             "prewarm_concurrency": "positive_int",
-            "scope": "ostr",
+            "scope": "optional_str",
         },
     ),
     "upstream": (
@@ -146,16 +150,18 @@ _SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
             "connect_timeout_seconds": "positive_seconds",
             "read_timeout_seconds": "positive_seconds",
             "max_connections": "positive_int",
-            "ca_file": "ostr",
+            "ca_file": "optional_str",
         },
     ),
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
 }
-_TOP_KEYS = {"listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS}
+_TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
+_TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
 
 
 class _Problems:
-    def __init__(self) -> None:
+    def __init__(self, base: Path | None) -> None:
+        self.base = base  # relative file paths are read from the config file's directory
         self.items: list[str] = []
         self.warnings: list[str] = []
         self.secret_files: list[Path] = []
@@ -163,111 +169,80 @@ class _Problems:
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}")
 
-    def unknown_keys(self, path: str, raw: Mapping[str, Any], allowed: set[str] | dict[str, Any]) -> None:
+    def unknown_keys(self, path: str, raw: Mapping[Any, Any], allowed: Any) -> None:
         for key in raw:
             if key not in allowed:
-                self.add(f"{path}.{key}" if path else str(key), "unknown key")
+                self.add(_join(path, key), f"unknown key (expected one of: {', '.join(allowed)})")
+
+    def mapping(self, path: str, raw: object, what: str = "a mapping") -> bool:
+        """True for a mapping; null counts as absent (False, no problem); anything else is a problem."""
+        if isinstance(raw, Mapping):
+            return True
+        if raw is not None:
+            self.add(path, f"expected {what}, got {describe(raw)}")
+        return False
 
 
-def parse_address(text: object) -> Address:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all interfaces)."""
-    if not isinstance(text, str):
-        raise ValueError("expected HOST:PORT")
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return Address(host or "0.0.0.0", int(port))
-
-
-def _check_url(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a URL string")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http(s) URL, got {value!r}")
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query or fragment")
-    return value.rstrip("/")
-
-
-def _tenant_id(raw: object) -> str | None:
-    if isinstance(raw, bool):
-        return None
-    if isinstance(raw, int) and raw >= 0:
-        return str(raw)
-    if isinstance(raw, str) and TENANT_ID.match(raw):
-        return raw
-    return None
-
-
-def _value(kind: str, raw: object) -> object:
-    if kind in ("seconds", "positive_seconds"):
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw < 0:
-            raise ValueError("expected a number of seconds >= 0")
-        if kind == "positive_seconds" and raw == 0:
-            raise ValueError("must be greater than 0")
-        return raw
-    if kind in ("positive_int", "int0"):
-        if isinstance(raw, bool) or not isinstance(raw, int) or raw < (1 if kind == "positive_int" else 0):
-            raise ValueError(f"expected a whole number >= {1 if kind == 'positive_int' else 0}")
-        return raw
-    if kind == "client_auth":
-        if raw not in CLIENT_AUTH_METHODS:
-            raise ValueError(f"expected one of {', '.join(CLIENT_AUTH_METHODS)}")
-        return raw
-    if kind == "str":
-        if not isinstance(raw, str):
-            raise ValueError("expected a string")
-        return raw
-    if raw is not None and not isinstance(raw, str):  # "ostr"
-        raise ValueError("expected a string or null")
-    return raw
+def _join(path: str, key: object) -> str:
+    """``path.key``; a key that would break the one-line-per-problem output (a newline, a space) is quoted."""
+    text = str(key)
+    if not text or not text.isprintable() or " " in text:
+        text = repr(text)
+    return f"{path}.{text}" if path else text
 
 
 def _section(problems: _Problems, name: str, raw: object) -> Any:
     cls, fields = _SECTIONS[name]
-    if raw is None:
-        return cls()
-    if not isinstance(raw, Mapping):
-        problems.add(name, "expected a mapping")
+    if not problems.mapping(name, raw):
         return cls()
     problems.unknown_keys(name, raw, fields)
     values = {}
     for key, kind in fields.items():
         if key in raw:
             try:
-                values[key] = _value(kind, raw[key])
+                values[key] = parse_value(kind, raw[key])
             except ValueError as exc:
                 problems.add(f"{name}.{key}", str(exc))
     return cls(**values)
 
 
-def _secret(problems: _Problems, path: str, raw: object, environ: Mapping[str, str]) -> tuple[Secret, SecretRef] | None:
+def _secret(
+    problems: _Problems, path: str, raw: object, environ: Mapping[str, str], *, header: bool = False
+) -> tuple[Secret, SecretRef] | None:
     try:
         ref = parse_ref(raw)
+        if ref.kind == "file" and problems.base is not None and not Path(ref.where).is_absolute():
+            ref = SecretRef("file", str(problems.base / ref.where))
         secret = resolve(ref, environ)
     except SecretError as exc:
         problems.add(path, str(exc))
         return None
     if ref.kind == "file":
         problems.secret_files.append(Path(ref.where))
+    if header and any(ord(c) < 0x20 or ord(c) == 0x7F for c in secret.reveal()):
+        # It travels as the ST-App-Key header value (RFC 9110 section 5.5: no control characters). A file with two
+        # trailing newlines is the usual cause. The value itself is never shown.
+        problems.add(path, f"the value from {ref.describe()} contains a line break or control character")
+        return None
     if ref.literal:
         problems.warnings.append(f"{path}: a literal secret in the config file; prefer {{env: ...}} or {{file: ...}}")
     return secret, ref
 
 
-def _environments(problems: _Problems, raw: object) -> dict[str, Environment]:
-    merged: dict[str, Any] = {name: dict(urls) for name, urls in BUILTIN_ENVIRONMENTS.items()}
-    if raw is not None and not isinstance(raw, Mapping):
-        problems.add("environments", "expected a mapping")
-        raw = None
-    for name, urls in (raw or {}).items():
+def _environments(problems: _Problems, raw: object) -> tuple[dict[str, Environment], set[str]]:
+    """The built-in environments with the user's added or overridden; also every name the user wrote."""
+    merged: dict[str, dict[str, Any]] = {name: dict(urls) for name, urls in BUILTIN_ENVIRONMENTS.items()}
+    written: set[str] = set()
+    for name, urls in (raw if problems.mapping("environments", raw) else {}).items():
+        path = _join("environments", name)
+        written.add(str(name))
         if not isinstance(urls, Mapping):
-            problems.add(f"environments.{name}", "expected a mapping with auth_url and api_url")
+            problems.add(path, f"expected a mapping with auth_url and api_url, got {describe(urls)}")
+            merged.pop(str(name), None)
             continue
-        problems.unknown_keys(f"environments.{name}", urls, {"auth_url", "api_url"})
-        merged[str(name)] = {**merged.get(str(name), {}), **{k: v for k, v in urls.items() if k in ("auth_url", "api_url")}}
+        problems.unknown_keys(path, urls, ("auth_url", "api_url"))
+        overrides = {k: v for k, v in urls.items() if k in ("auth_url", "api_url")}
+        merged[str(name)] = {**merged.get(str(name), {}), **overrides}
     result = {}
     for name, urls in merged.items():
         checked = {}
@@ -276,65 +251,95 @@ def _environments(problems: _Problems, raw: object) -> dict[str, Environment]:
                 problems.add(f"environments.{name}.{key}", "is required")
                 continue
             try:
-                checked[key] = _check_url(urls[key])
+                checked[key] = parse_url(urls[key], strip_slash=key == "api_url")
             except ValueError as exc:
                 problems.add(f"environments.{name}.{key}", str(exc))
         if len(checked) == 2:
             result[name] = Environment(name, checked["auth_url"], checked["api_url"])
-    return result
+    return result, written
 
 
 def _tenants(
     problems: _Problems,
     raw: object,
-    environments: Mapping[str, Environment],
+    environments: tuple[dict[str, Environment], set[str]],
     app_key: tuple[Secret, SecretRef] | None,
     environ: Mapping[str, str],
 ) -> dict[str, Tenant]:
     if raw is None:
         problems.add("tenants", "is required (at least one tenant)")
         return {}
-    if not isinstance(raw, Mapping) or not raw:
-        problems.add("tenants", "expected a mapping of tenant id to its credentials")
+    if not problems.mapping("tenants", raw, "a mapping of tenant id to its credentials"):
         return {}
+    if not raw:
+        problems.add("tenants", "is empty (at least one tenant is required)")
+        return {}
+    known, written = environments
     result = {}
     for key, spec in raw.items():
-        tenant_id = _tenant_id(key)
-        path = f"tenants.{key}"
+        tenant_id = parse_tenant_id(key)
+        path = _join("tenants", key)
         if tenant_id is None:
-            problems.add(path, "tenant id must be digits")
+            problems.add(path, "a tenant id must be digits")
             continue
         if tenant_id in result:
             problems.add(path, "tenant listed twice")
             continue
         if not isinstance(spec, Mapping):
-            problems.add(path, "expected a mapping with client_id and client_secret")
+            problems.add(path, f"expected a mapping with client_id and client_secret, got {describe(spec)}")
             continue
-        problems.unknown_keys(path, spec, {"environment", "client_id", "client_secret", "app_key"})
-        env_name = spec.get("environment", "production")
-        environment = environments.get(str(env_name))
-        if environment is None:
-            known = ", ".join(sorted(environments))
-            problems.add(f"{path}.environment", f"unknown environment {env_name!r} (known: {known})")
+        problems.unknown_keys(path, spec, _TENANT_KEYS)
+        env_name = str(spec.get("environment", "production"))
+        environment = known.get(env_name)
+        if environment is None and env_name not in written:  # a broken environment has its own problem already
+            problems.add(f"{path}.environment", f"unknown environment {env_name!r} (known: {', '.join(sorted(known))})")
         client_id = spec.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
-            problems.add(f"{path}.client_id", "is required (a non-empty string)")
+        if "client_id" not in spec:
+            problems.add(f"{path}.client_id", "is required")
+        elif not isinstance(client_id, str) or not client_id.strip():
+            problems.add(f"{path}.client_id", f"expected a non-empty string, got {describe(client_id)}")
+        secret = None
         if "client_secret" not in spec:
             problems.add(f"{path}.client_secret", "is required")
-            secret = None
         else:
             secret = _secret(problems, f"{path}.client_secret", spec["client_secret"], environ)
-        own_key = _secret(problems, f"{path}.app_key", spec["app_key"], environ) if "app_key" in spec else app_key
-        if environment and isinstance(client_id, str) and client_id and secret and own_key:
+        own_key = app_key
+        if "app_key" in spec:  # a scope migration: this tenant uses the new app's key (servicetitan.md)
+            own_key = _secret(problems, f"{path}.app_key", spec["app_key"], environ, header=True)
+        if environment and isinstance(client_id, str) and client_id.strip() and secret and own_key:
             result[tenant_id] = Tenant(tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1])
     return result
 
 
+def _routing(problems: _Problems, raw: object, tenants_raw: object) -> RoutingConfig:
+    if not problems.mapping("routing", raw):
+        return RoutingConfig()
+    problems.unknown_keys("routing", raw, ("tenant_header", "default_tenant"))
+    header = raw.get("tenant_header", RoutingConfig.tenant_header)
+    if header is not None and (not isinstance(header, str) or not HEADER_NAME.fullmatch(header)):
+        problems.add("routing.tenant_header", "expected a header name (letters, digits, '-') or null")
+        header = None
+    elif header is not None and header.lower() in RESERVED_HEADERS:
+        problems.add("routing.tenant_header", f"{header} is a header the proxy sets or strips itself")
+        header = None
+    default = raw.get("default_tenant")
+    if default is not None:
+        default = parse_tenant_id(default)
+        if default is None:
+            problems.add("routing.default_tenant", "a tenant id must be digits")
+        elif isinstance(tenants_raw, Mapping) and default not in {parse_tenant_id(k) for k in tenants_raw}:
+            # Compared with the ids as written, so a tenant with a problem of its own does not cause a second one here.
+            problems.add("routing.default_tenant", f"tenant {default} is not configured under tenants")
+    return RoutingConfig(header, default)
+
+
 def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = None) -> Config:
     """Validate a parsed config document; raise ConfigError listing every problem."""
-    problems = _Problems()
+    if raw is None:
+        raise ConfigError(["(top): the config is empty; it needs at least app_key and tenants"])
     if not isinstance(raw, Mapping):
-        raise ConfigError(["(top): expected a mapping"])
+        raise ConfigError([f"(top): expected a mapping of settings, got {describe(raw)}"])
+    problems = _Problems(source.absolute().parent if source is not None else None)
     problems.unknown_keys("", raw, _TOP_KEYS)
 
     addresses = {}
@@ -343,41 +348,33 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
             addresses[key] = parse_address(raw[key]) if key in raw else default
         except ValueError as exc:
             problems.add(key, str(exc))
-    if "listen" in addresses and addresses.get("listen") == addresses.get("admin_listen"):
-        problems.add("admin_listen", "must differ from listen (the admin port is never the data port)")
+    if "listen" in addresses and not is_loopback(addresses["listen"]):
+        # design.md section 4: whoever reaches the data port acts with every tenant's credentials.
+        problems.warnings.append(f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
+                                 "can connect acts with every tenant's credentials")
+    if len(addresses) == 2 and addresses_clash(addresses["listen"], addresses["admin_listen"]):
+        problems.add("admin_listen", f"{addresses['admin_listen']} clashes with listen {addresses['listen']}: the "
+                                     "admin port is never the data port")
 
     app_key = None
     if "app_key" not in raw:
         problems.add("app_key", "is required")
     else:
-        app_key = _secret(problems, "app_key", raw["app_key"], environ)
+        app_key = _secret(problems, "app_key", raw["app_key"], environ, header=True)
 
     environments = _environments(problems, raw.get("environments"))
     tenants = _tenants(problems, raw.get("tenants"), environments, app_key, environ)
-
-    routing = RoutingConfig()
-    routing_raw = raw.get("routing")
-    if routing_raw is not None and not isinstance(routing_raw, Mapping):
-        problems.add("routing", "expected a mapping")
-    elif routing_raw:
-        problems.unknown_keys("routing", routing_raw, {"tenant_header", "default_tenant"})
-        header = routing_raw.get("tenant_header", RoutingConfig.tenant_header)
-        if header is not None and (not isinstance(header, str) or not HEADER_NAME.match(header)):
-            problems.add("routing.tenant_header", "expected a header name or null")
-            header = None
-        default = routing_raw.get("default_tenant")
-        if default is not None:
-            default_id = _tenant_id(default)
-            if default_id is None:
-                problems.add("routing.default_tenant", "tenant id must be digits")
-            elif tenants and default_id not in tenants and "tenants" in raw:
-                problems.add("routing.default_tenant", f"tenant {default_id} is not configured under tenants")
-            default = default_id
-        routing = RoutingConfig(header, default)
-
+    routing = _routing(problems, raw.get("routing"), raw.get("tenants"))
     sections = {name: _section(problems, name, raw.get(name)) for name in _SECTIONS}
-    if sections["upstream"].ca_file and not Path(sections["upstream"].ca_file).is_file():
-        problems.add("upstream.ca_file", f"file {sections['upstream'].ca_file} does not exist")
+    ca_file = sections["upstream"].ca_file
+    if ca_file and problems.base is not None and not Path(ca_file).is_absolute():
+        ca_file = str(problems.base / ca_file)
+        sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
+    if ca_file and not Path(ca_file).is_file():
+        problems.add("upstream.ca_file", f"file {ca_file} does not exist")
+    prefix = sections["tokens"].authorization_prefix
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
+        problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -386,7 +383,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         app_key=app_key[0],
         app_key_ref=app_key[1],
         tenants=MappingProxyType(tenants),
-        environments=MappingProxyType(environments),
+        environments=MappingProxyType(environments[0]),
         listen=addresses["listen"],
         admin_listen=addresses["admin_listen"],
         routing=routing,
@@ -398,82 +395,50 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
 
 
 def load_file(path: str | Path, environ: Mapping[str, str]) -> Config:
+    """Read, parse and validate a YAML config file. Problems with the file itself are prefixed by its path."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: config file cannot be read ({exc.__class__.__name__})"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: config file cannot be read: {exc.strerror or type(exc).__name__}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: config file is not UTF-8 text"]) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{path}: invalid YAML{where}: {problem}"]) from None
+        raw = parse_yaml(text)
+    except ValueError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
     return from_mapping(raw, environ, path)
 
 
-ENV_REQUIRED = ("ST_APP_KEY", "ST_TENANT_ID", "ST_CLIENT_ID", "ST_CLIENT_SECRET")
-
-
 def from_environment(environ: Mapping[str, str]) -> Config:
-    """No-file mode (the twelve-factor sidecar): one tenant from ST_* variables."""
-    missing = [f"env.{name}: is not set" for name in ENV_REQUIRED if not environ.get(name)]
+    """No-file mode (the twelve-factor sidecar): one tenant from ST_* variables (config_env.py). Errors name the
+    variable (``env.ST_TENANT_ID: a tenant id must be digits``)."""
+    raw, env_name, missing = config_env.document(environ)
     if missing:
-        raise ConfigError(["no config file given (--config or ST_PROXY_CONFIG) and no complete environment", *missing])
-    tenant: dict[str, Any] = {
-        "environment": environ.get("ST_ENVIRONMENT", "production"),
-        "client_id": environ["ST_CLIENT_ID"],
-        "client_secret": {"env": "ST_CLIENT_SECRET"},
-    }
-    raw: dict[str, Any] = {"app_key": {"env": "ST_APP_KEY"}, "tenants": {environ["ST_TENANT_ID"]: tenant}}
-    if environ.get("ST_AUTH_URL") or environ.get("ST_API_URL"):
-        raw["environments"] = {"custom": {"auth_url": environ.get("ST_AUTH_URL"), "api_url": environ.get("ST_API_URL")}}
-        if "ST_ENVIRONMENT" not in environ:
-            tenant["environment"] = "custom"
-    for key, var in (("listen", "ST_PROXY_LISTEN"), ("admin_listen", "ST_PROXY_ADMIN_LISTEN")):
-        if environ.get(var):
-            raw[key] = environ[var]
+        raise ConfigError(missing)
     try:
         return from_mapping(raw, environ)
     except ConfigError as exc:
-        raise ConfigError([_env_path(p) for p in exc.problems]) from None
-
-
-def _env_path(problem: str) -> str:
-    """Name the variable, not the synthetic config path, in no-file mode errors."""
-    for prefix, var in (
-        ("environments.custom.auth_url", "ST_AUTH_URL"),
-        ("environments.custom.api_url", "ST_API_URL"),
-        ("listen", "ST_PROXY_LISTEN"),
-        ("admin_listen", "ST_PROXY_ADMIN_LISTEN"),
-    ):
-        if problem.startswith(prefix + ":"):
-            return f"env.{var}" + problem[len(prefix) :]
-    if ".environment:" in problem:
-        return "env.ST_ENVIRONMENT:" + problem.split(".environment:", 1)[1]
-    if problem.startswith("tenants."):
-        return "env.ST_TENANT_ID:" + problem.split(":", 1)[1]
-    return problem
+        raise ConfigError([config_env.rename(problem, env_name) for problem in exc.problems]) from None
 
 
 def summary(config: Config) -> list[str]:
-    """The redacted description printed by `check-config`: ids, environments and secret sources, never a value."""
+    """The redacted description printed by ``check-config``: ids, environments and secret sources, never a value."""
+    routing = config.routing
+    header = f"the {routing.tenant_header} header, then " if routing.tenant_header else ""
     lines = [
-        f"source: {config.source or 'environment (no-file mode)'}",
-        f"listen: {config.listen}   admin_listen: {config.admin_listen}",
+        f"config: {config.source or 'environment variables (no-file mode)'}",
+        f"listen: {config.listen}  admin_listen: {config.admin_listen}",
+        f"routing: {header}the /tenant/{{id}}/ path, then default_tenant {routing.default_tenant or '(none)'}",
         f"app_key: from {config.app_key_ref.describe()}",
-        f"routing: tenant_header={config.routing.tenant_header} default_tenant={config.routing.default_tenant}",
         f"tenants: {len(config.tenants)}",
     ]
-    for tenant in config.tenants.values():
-        line = (
-            f"  {tenant.tenant_id}: environment {tenant.environment.name} ({tenant.environment.api_url}), "
-            f"client_id {tenant.client_id}, client_secret from {tenant.client_secret_ref.describe()}"
+    for tenant in sorted(config.tenants.values(), key=lambda t: int(t.tenant_id)):
+        env = tenant.environment
+        lines.append(
+            f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
+            f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
-        if tenant.app_key_ref != config.app_key_ref:
-            line += f", app_key from {tenant.app_key_ref.describe()}"
-        lines.append(line)
     return lines

@@ -65,7 +65,7 @@ class SecretRef:
             return f"env {self.where}"
         if self.kind == "file":
             return f"file {self.where}"
-        return "literal value"
+        return "a literal in the config"
 
     def __repr__(self) -> str:
         where = "<redacted>" if self.kind == "value" else repr(self.where)
@@ -75,6 +75,8 @@ class SecretRef:
 def parse_ref(raw: object) -> SecretRef:
     """Read a reference as written in the config; raise SecretError with a message fit for a path-prefixed list."""
     if isinstance(raw, str):
+        if not raw:
+            raise SecretError("is empty")
         return SecretRef("value", raw)
     if isinstance(raw, Mapping):
         keys = list(raw)
