@@ -1,12 +1,39 @@
-"""The current config, swapped atomically.
+"""The current config, swapped atomically; re-read when its files change or on SIGHUP (design.md section 3).
 
 A started ``web.Application`` is frozen (design.md section 6), so the config lives in a holder stored on the app and
-reload swaps the value inside it. A request reads ``holder.current`` once and keeps that config to its end.
+reload swaps the value inside it. A request reads ``holder.current`` once and keeps that config to its end, so
+in-flight requests finish on the config they started with while new ones get the new config.
+
+``Reloader`` polls the config file and every secret file it references (``file_watch.py``; Kubernetes' ``..data``
+symlink swap included) and re-reads them on SIGHUP. A valid new config is swapped in; an invalid one (bad YAML, a
+failed validation, a missing secret file) is logged on one line with every problem, counted as
+``st_proxy_config_reloads_total{result="failure"}``, and the previous config stays in force.
+
+What a reload cannot change: the sockets are bound and the client sessions, token client and shutdown timeouts are
+built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens`` and ``shutdown`` keep their start-up
+values until a restart; a reload that changes them says so in a warning and applies everything else.
 """
 
 from __future__ import annotations
 
-from .config import Config
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import yaml
+
+from .config import Config, ConfigError
+from .file_watch import FileWatch
+from .metrics import Metrics
+from .tokens import TokenManager
+
+log = logging.getLogger("st_proxy.reload")
+
+FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown")
+DEFAULT_POLL_SECONDS = 1.0
 
 
 class ConfigHolder:
@@ -18,3 +45,188 @@ class ConfigHolder:
         old, self.current = self.current, config
         self.generation += 1
         return old
+
+
+def referenced_files(config_path: Path) -> list[Path]:
+    """Every ``{file: ...}`` path the YAML names, found without validating it.
+
+    A config that fails to load still tells which secret files to watch: in Kubernetes the ConfigMap naming a new
+    tenant's secret file often lands before the Secret that holds it, and the reload must be retried when it appears.
+    """
+    try:
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    base = config_path.absolute().parent  # relative paths are read from the config file's directory (config.py)
+    return [base / p for p in _file_refs(raw)]
+
+
+def _file_refs(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        if len(node) == 1 and isinstance(node.get("file"), str):
+            yield node["file"]
+            return
+        for value in node.values():
+            yield from _file_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _file_refs(value)
+
+
+def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with the start-up-only sections taken from ``old``, and the names of those that differed."""
+    changed = [name for name in FIXED_AT_START if getattr(old, name) != getattr(new, name)]
+    if changed:
+        new = replace(new, **{name: getattr(old, name) for name in changed})
+    return new, changed
+
+
+class Reloader:
+    """Re-reads the config (``load``) when a watched file changes or SIGHUP arrives, and applies a valid result.
+
+    ``load`` is ``None`` in no-file mode: the environment is fixed at start, so there is nothing to re-read.
+    ``check_now()`` and ``reload_now()`` let tests drive it without waiting for a poll.
+    """
+
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        metrics: Metrics,
+        *,
+        tokens: Callable[[], TokenManager | None],
+        load: Callable[[], Config] | None,
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+    ) -> None:
+        self.holder = holder
+        self._metrics = metrics
+        self._tokens = tokens
+        self._load = load
+        self._poll_seconds = poll_seconds
+        self._lock = asyncio.Lock()
+        self._watch = FileWatch()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._signals = False
+        if load is not None:
+            self._watch.watch(self._candidate_paths())
+
+    @property
+    def watched(self) -> tuple[Path, ...]:
+        return self._watch.paths
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def start(self, *, handle_sighup: bool = True) -> None:
+        """Start polling the files (with a config file) and reloading on SIGHUP."""
+        if self._load is not None and self._poll_seconds > 0:
+            self._poller = asyncio.create_task(self._poll(), name="config-watch")
+        if handle_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._signals = True
+
+    async def close(self) -> None:
+        if self._signals:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._signals = False
+        tasks = [t for t in (self._poller, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._poller = None
+
+    def _on_sighup(self) -> None:
+        self._spawn(self.reload_now("SIGHUP"), "config-reload")
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_seconds)
+            try:
+                await self.check_now()
+            except Exception:  # never let one bad look stop the watching
+                log.exception("config watch: checking the files failed", extra={"event": "config_watch_error"})
+
+    # -- the work -----------------------------------------------------------------------------------------------
+    async def check_now(self) -> bool | None:
+        """Reload if a watched file changed: True (applied), False (rejected), None (nothing changed)."""
+        if self._load is None:
+            return None
+        changed = self._watch.changed()
+        if not changed:
+            return None
+        return await self.reload_now("changed: " + ", ".join(str(p) for p in changed))
+
+    async def reload_now(self, trigger: str = "request") -> bool:
+        """Re-read the config now and apply it if valid. True when applied."""
+        if self._load is None:
+            log.info("%s: no config file (no-file mode): the environment is read once at start, nothing to re-read",
+                     trigger, extra={"event": "config_reload_skipped", "trigger": trigger})
+            return False
+        async with self._lock:
+            # Snapshots before the read: a change made while loading shows up at the next look instead of being lost.
+            self._watch.watch(self._candidate_paths())
+            try:
+                new = self._load()
+            except ConfigError as exc:
+                return self._failed(trigger, exc.problems)
+            except Exception as exc:  # a bug must not take the running config down with it
+                return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
+            missing = [p for p in new.secret_files if p not in self._watch.paths]
+            if missing:
+                self._watch.watch([*self._watch.paths, *missing])
+            self._apply(new, trigger)
+            return True
+
+    def _candidate_paths(self) -> list[Path]:
+        current = self.holder.current
+        paths: list[Path] = []
+        if current.source is not None:
+            paths.append(current.source)
+            paths.extend(referenced_files(current.source))
+        paths.extend(current.secret_files)
+        return paths
+
+    def _failed(self, trigger: str, problems: list[str]) -> bool:
+        self._metrics.config_reloads.labels("failure").inc()
+        # ConfigError problems name paths and sources, never a value (config.py), so the line is safe to log.
+        log.error("config reload (%s) failed, keeping the previous config: %s", trigger, "; ".join(problems),
+                  extra={"event": "config_reload_failed", "trigger": trigger, "problems": problems})
+        return False
+
+    def _apply(self, new: Config, trigger: str) -> None:
+        old = self.holder.current
+        new, fixed = _pin_fixed(old, new)
+        if fixed:
+            log.warning("config reload: %s cannot change while running; keeping the values from start-up until a "
+                        "restart", ", ".join(fixed), extra={"event": "config_reload_restart_needed", "keys": fixed})
+        for warning in new.warnings:
+            log.warning("config: %s", warning, extra={"event": "config_warning"})
+        old_keys = {t.credentials_key() for t in old.tenants.values()}
+        fresh = [t for t in new.tenants.values() if t.credentials_key() not in old_keys]
+
+        # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
+        self.holder.swap(new)
+        self._metrics.set_tenants(new.tenants)
+        tokens = self._tokens()
+        dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
+        self._metrics.config_reloads.labels("success").inc()
+
+        added = sorted(set(new.tenants) - set(old.tenants), key=int)
+        removed = sorted(set(old.tenants) - set(new.tenants), key=int)
+        rotated = sorted((t.tenant_id for t in fresh if t.tenant_id in old.tenants), key=int)
+        log.info("config reloaded (%s): %d tenants, added %s, removed %s, credentials changed %s", trigger,
+                 len(new.tenants), _ids(added), _ids(removed), _ids(rotated),
+                 extra={"event": "config_reloaded", "trigger": trigger, "tenants": len(new.tenants),
+                        "tenants_added": added, "tenants_removed": removed, "credentials_changed": rotated,
+                        "tokens_dropped": dropped})
+        if tokens is not None and fresh:
+            # New credentials get their first token in the background, as at start-up, so the first request for a
+            # new tenant usually finds one ready.
+            self._spawn(tokens.prewarm(fresh), "token-prewarm-reload")
+
+
+def _ids(ids: Iterable[str]) -> str:
+    return ",".join(ids) or "none"
