@@ -41,6 +41,27 @@ APP_KEY_TITLE = "Application key"  # ServiceTitan's app-key 401s: a new token ca
 ERROR_BODY_LIMIT = 64 * 1024
 
 
+CALLER_GONE = 499  # nginx's "client closed request": logged and counted, never sent (nobody is listening)
+
+
+class _CallerGone(Exception):
+    """The caller hung up before the exchange finished. Not a ProxyError: there is nobody left to answer."""
+
+
+def _body_failure(body: object, tenant: str) -> Exception | None:
+    """If the caller's streamed body broke (the caller hung up, or sent a malformed body), the error to raise.
+
+    aiohttp's client reports a failure of the body it was sending as an error of the upstream connection; this tells
+    the two apart, so an upload cut off by the caller is never counted against ServiceTitan.
+    """
+    failed = body.exception() if isinstance(body, aiohttp.StreamReader) else None
+    if failed is None:
+        return None
+    if isinstance(failed, OSError):  # aiohttp sets ConnectionResetError("Connection lost") on a hang-up
+        return _CallerGone()
+    return RequestError("the request body could not be read (malformed chunked encoding?)", tenant=tenant)
+
+
 class _Exchange:
     """What the access log line and the metrics need to know about one request."""
 
@@ -62,6 +83,11 @@ def _upstream_failure(exc: BaseException, tenant: str) -> tuple[str, UpstreamErr
     if isinstance(exc, aiohttp.ClientConnectorError):
         return "connect", UpstreamUnreachable("cannot connect to the ServiceTitan API", tenant=tenant)
     return "reset", UpstreamUnreachable("the ServiceTitan API closed the connection", tenant=tenant)
+
+
+def _origin_form(request: web.Request) -> bool:
+    """RFC 9112 section 3.2.1: ``/path?query``. Absolute-form, authority-form (CONNECT) and ``*`` are refused."""
+    return request.raw_path.startswith("/") and request.method != "CONNECT"
 
 
 def _trace_id(body: bytes) -> str | None:
@@ -87,6 +113,16 @@ class Forwarder:
         self._session = session
         self._metrics = metrics
 
+    @web.middleware
+    async def unroutable(self, request: web.Request, handler) -> web.StreamResponse:
+        """Send what aiohttp's router cannot match (CONNECT's authority-form target, ``OPTIONS *``) to ``handle``.
+
+        Without this those requests get aiohttp's plain-text 404 instead of the proxy's ``invalid_request`` problem.
+        """
+        if request.match_info.http_exception is not None:
+            return await self.handle(request)
+        return await handler(request)
+
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = hdrs.request_id(request.headers)
@@ -98,9 +134,25 @@ class Forwarder:
             except ProxyError as error:
                 ex.error = error.code
                 response = problem_response(error, request_id)
-                await response.prepare(request)
-                await response.write_eof()
-                ex.bytes = len(response.body or b"")
+                if not _origin_form(request):
+                    # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
+                    response.force_close()
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                    ex.bytes = len(response.body or b"")
+                except ConnectionResetError:  # the caller left while we were refusing it
+                    ex.error = "caller_disconnected"
+            except _CallerGone:
+                ex.error = "caller_disconnected"
+                response = web.Response(status=CALLER_GONE)  # aiohttp drops it quietly on the closed connection
+            except asyncio.CancelledError:
+                # A server run with handler_cancellation=True (aiohttp's test server does) cancels the handler when
+                # the caller hangs up; otherwise only a shutdown that ran out of time does.
+                transport = request.transport
+                gone = transport is None or transport.is_closing()
+                ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
+                raise
             ex.status = response.status
             return response
         finally:
@@ -121,7 +173,7 @@ class Forwarder:
         config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
         # Only origin-form targets: an absolute-form target or CONNECT could aim the proxy at another host
         # (design.md section 4).
-        if not request.raw_path.startswith("/") or request.method == "CONNECT":
+        if not _origin_form(request):
             raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
         header = config.routing.tenant_header
         named = request.headers.get(header, "").strip() if header else ""
@@ -146,29 +198,59 @@ class Forwarder:
                     body = await request.content.readexactly(length)
                 except asyncio.IncompleteReadError:
                     raise RequestError("the request body ended before its Content-Length", tenant=tenant.tenant_id)
+                except OSError:  # the caller hung up mid-body (aiohttp sets ConnectionResetError)
+                    raise _CallerGone() from None
+                except web.RequestPayloadError:
+                    raise RequestError("the request body could not be read", tenant=tenant.tenant_id) from None
             else:
                 body, replayable = request.content, False
         url = URL(tenant.environment.api_url + request.raw_path, encoded=True)  # no re-encoding (design.md 6)
 
         token = await tokens.get(tenant)
         upstream = await self._send(request, config, tenant, token, url, body, request_id, ex)
-        if upstream.status == 401 and replayable:
-            error_body = await upstream.content.read(ERROR_BODY_LIMIT)
-            title = ""
-            try:
-                parsed = json.loads(error_body)
-                title = parsed.get("title", "") if isinstance(parsed, dict) else ""
-            except ValueError:
-                pass
-            if isinstance(title, str) and title.startswith(APP_KEY_TITLE):
-                return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+        if upstream.status != 401:
+            return await self._relay(request, upstream, tenant, request_id, ex)
+        # -- 401 replay (issue 3; owned by the token lifecycle) --
+        # Upstream 401 (design.md section 2). Read the problem body (bounded: ServiceTitan's are a few hundred bytes)
+        # to tell an app-key 401, which a new token cannot fix, from a token 401.
+        error_body = b""
+        try:
+            while len(error_body) < ERROR_BODY_LIMIT:
+                chunk = await upstream.content.read(ERROR_BODY_LIMIT - len(error_body))
+                if not chunk:
+                    break
+                error_body += chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             upstream.release()
-            tokens.invalidate(tenant, token)
-            token = await tokens.get(tenant)
-            tokens.entry(tenant).replays += 1
-            self._metrics.token_replayed(tenant.tenant_id)
-            upstream = await self._send(request, config, tenant, token, url, body, request_id, ex)
-        return await self._relay(request, upstream, tenant, request_id, ex)
+            kind, failure = _upstream_failure(exc, tenant.tenant_id)
+            self._metrics.upstream_error(tenant.tenant_id, kind)
+            raise failure from None
+        if upstream.content.at_eof():
+            upstream.release()  # free the pool slot before waiting on a token: other tenants must not queue behind
+        try:
+            problem = json.loads(error_body)
+        except ValueError:
+            problem = None
+        title = problem.get("title") if isinstance(problem, dict) else None
+        if isinstance(title, str) and title.startswith(APP_KEY_TITLE):
+            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+        # Dropped only if it is still the current token (identity): a 401 for an old token keeps a newer one. Also
+        # when this request cannot be replayed, so that the next one gets a fresh token.
+        tokens.invalidate(tenant, token)
+        if not replayable:  # the body was streamed upstream and is gone: the caller gets the 401 and may retry
+            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+        try:
+            fresh = await tokens.get(tenant)  # through the same single flight as every other caller
+        except ProxyError:
+            upstream.release()
+            raise
+        if fresh is token:  # no newer token to try (tokens.INVALIDATE_MIN_INTERVAL): a replay would be the same
+            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+        upstream.release()
+        tokens.record_replay(tenant)
+        self._metrics.token_replayed(tenant.tenant_id)
+        upstream = await self._send(request, config, tenant, fresh, url, body, request_id, ex)
+        return await self._relay(request, upstream, tenant, request_id, ex)  # a second 401 goes back as it is
 
     async def _send(
         self,
@@ -195,6 +277,9 @@ class Forwarder:
                 skip_auto_headers=hdrs.NO_AUTO_HEADERS,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            caller_side = _body_failure(body, tenant.tenant_id)
+            if caller_side is not None:
+                raise caller_side from None
             kind, error = _upstream_failure(exc, tenant.tenant_id)
             self._metrics.upstream_error(tenant.tenant_id, kind)
             log.debug("upstream failure for tenant %s: %s", tenant.tenant_id, type(exc).__name__)
@@ -233,6 +318,10 @@ class Forwarder:
                 ex.bytes += len(chunk)
                 await response.write(chunk)
             await response.write_eof()
+        except ConnectionResetError:
+            # Writing to the caller failed: it hung up. First, because aiohttp's ClientConnectionResetError is both a
+            # ConnectionResetError and a ClientError, and this one is not ServiceTitan's fault.
+            ex.error = "caller_disconnected"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             # The status line is already on its way: all that is left is to cut the connection so the caller sees a
             # truncated answer instead of a complete-looking one.
@@ -243,8 +332,6 @@ class Forwarder:
             ex.error = f"upstream_{kind}_midstream"
             if request.transport is not None:
                 request.transport.abort()
-        except (ConnectionResetError, ConnectionError):
-            ex.error = "caller_disconnected"
         finally:
             upstream.release()
         return response
