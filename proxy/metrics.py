@@ -1,7 +1,14 @@
 """Prometheus metrics (design.md section 1). Every metric lives in the registry handed in: no global registry.
 
-The tenant label only ever holds a configured tenant id or ``none``; label sets with fixed values exist from the
-start for every configured tenant, so a dashboard sees a zero rather than a gap.
+Label values are bounded so callers cannot grow the series count: ``tenant`` only ever holds a configured tenant id or
+``none``, ``method`` a standard method or ``other``, ``kind`` / ``outcome`` / ``result`` their fixed sets. Label sets
+with fixed values exist from the start for every configured tenant, so a dashboard sees a zero rather than a gap, and
+``set_tenants`` (called again on reload) creates the series of added tenants and removes those of removed ones.
+
+``/metrics`` is served from ``Metrics.exposition``: the registry without the ``_created`` series that
+prometheus-client adds to every counter and histogram child. In the text format Prometheus ingests them as separate
+gauge series (doubling the series count for no query anyone writes); dropping them in a view keeps us off
+``prometheus_client.disable_created_metrics()``, a process-wide switch.
 """
 
 from __future__ import annotations
@@ -16,72 +23,116 @@ from prometheus_client.registry import Collector
 from . import __version__
 
 NO_TENANT = "none"
+OTHER_METHOD = "other"
+# 1 ms (a cached token, a tiny answer on loopback) to 120 s (upstream.read_timeout_seconds' default: a slow export).
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# 5 ms to 30 s: tokens.fetch_timeout_seconds defaults to 10 s; 30 s leaves room for a raised timeout.
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 UPSTREAM_ERROR_KINDS = ("connect", "timeout", "reset")
 TOKEN_OUTCOMES = ("success", "rejected", "error")
-# RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other" so callers cannot grow the label set.
+RELOAD_RESULTS = ("success", "failure")
+# RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+Expiries = Callable[[], Iterable[tuple[str, "float | None"]]]
+EXPIRES_IN = "st_proxy_token_expires_in_seconds"
 
 
 class _ExpiresIn(Collector):
-    """``st_proxy_token_expires_in_seconds``, computed at scrape time from the token cache."""
+    """``st_proxy_token_expires_in_seconds``, computed at scrape time: a stored gauge would be stale between events."""
 
-    def __init__(self, expiries: Callable[[], Iterable[tuple[str, float | None]]], clock: Callable[[], float]) -> None:
-        self._expiries = expiries
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.source: Expiries = lambda: ()
         self._clock = clock
+
+    def describe(self):
+        yield GaugeMetricFamily(EXPIRES_IN, "", labels=["tenant"])
 
     def collect(self):
         family = GaugeMetricFamily(
-            "st_proxy_token_expires_in_seconds",
-            "Seconds until the tenant's current token expires (negative or 0 when it has none)",
+            EXPIRES_IN,
+            "Seconds until the tenant's current token expires; 0 when it has none or it has expired",
             labels=["tenant"],
         )
         now = self._clock()
-        for tenant, expires_at in self._expiries():
-            family.add_metric([tenant], (expires_at - now) if expires_at is not None else 0.0)
+        for tenant, expires_at in self.source():
+            family.add_metric([tenant], max(0.0, expires_at - now) if expires_at is not None else 0.0)
         yield family
+
+
+class _WithoutCreated:
+    """A registry view without ``_created`` samples; what ``make_aiohttp_handler`` is given."""
+
+    _HAS_CREATED = frozenset({"counter", "histogram", "summary"})
+
+    def __init__(self, source) -> None:
+        self._source = source
+
+    def collect(self):
+        for family in self._source.collect():
+            if family.type in self._HAS_CREATED:
+                family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> _WithoutCreated:  # /metrics?name[]=...
+        return _WithoutCreated(self._source.restricted_registry(names))
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._clock = clock
+        self.exposition = _WithoutCreated(self.registry)
         self._tenants: frozenset[str] = frozenset()
+        self._request_series: set[tuple[str, str, str]] = set()  # to remove a tenant's series on reload
         r = self.registry
-        self.requests = Counter("st_proxy_requests", "Requests answered", ["tenant", "method", "code"], registry=r)
+        self.requests = Counter(
+            "st_proxy_requests", "Requests answered on the data port, by tenant, method and status code",
+            ["tenant", "method", "code"], registry=r,
+        )
         self.request_duration = Histogram(
-            "st_proxy_request_duration_seconds", "Time from request to the end of the answer", ["tenant"],
-            buckets=REQUEST_BUCKETS, registry=r,
+            "st_proxy_request_duration_seconds", "Time from receiving a request to the end of its answer",
+            ["tenant"], buckets=REQUEST_BUCKETS, registry=r,
         )
         self.upstream_errors = Counter(
-            "st_proxy_upstream_errors", "Failed upstream exchanges", ["tenant", "kind"], registry=r
+            "st_proxy_upstream_errors", "Exchanges with the ServiceTitan API that failed (connect, timeout, reset)",
+            ["tenant", "kind"], registry=r,
         )
         self.token_fetches = Counter(
-            "st_proxy_token_fetches", "Token requests by outcome", ["tenant", "outcome"], registry=r
+            "st_proxy_token_fetches", "Token requests to the token endpoint, by outcome (success, rejected, error)",
+            ["tenant", "outcome"], registry=r,
         )
         self.token_fetch_duration = Histogram(
-            "st_proxy_token_fetch_duration_seconds", "Token request duration", ["tenant"],
+            "st_proxy_token_fetch_duration_seconds", "Duration of one token request", ["tenant"],
             buckets=TOKEN_BUCKETS, registry=r,
         )
         self.token_replays = Counter(
             "st_proxy_token_replays", "Requests replayed with a new token after an upstream 401", ["tenant"],
             registry=r,
         )
-        self.in_flight = Gauge("st_proxy_in_flight_requests", "Requests being handled", registry=r)
-        self.config_reloads = Counter("st_proxy_config_reloads", "Config reloads by result", ["result"], registry=r)
-        for result in ("success", "failure"):
+        self.in_flight = Gauge("st_proxy_in_flight_requests", "Requests being handled now", registry=r)
+        self.config_reloads = Counter(
+            "st_proxy_config_reloads", "Config reloads by result (success, failure)", ["result"], registry=r
+        )
+        for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
-        self.build_info = Gauge("st_proxy_build_info", "Build information", ["version"], registry=r)
+        self.build_info = Gauge("st_proxy_build_info", "Always 1; the version label says which build runs",
+                                ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
+        self._expires_in = _ExpiresIn(clock)
+        r.register(self._expires_in)
 
-    def watch_expiries(self, expiries: Callable[[], Iterable[tuple[str, float | None]]]) -> None:
-        self.registry.register(_ExpiresIn(expiries, self._clock))
+    def watch_expiries(self, expiries: Expiries) -> None:
+        """Where the scrape-time gauge reads ``(tenant id, expires_at or None)`` pairs from."""
+        self._expires_in.source = expiries
 
     def set_tenants(self, tenant_ids: Iterable[str]) -> None:
-        """Bound the tenant label to these ids and create their fixed-value series."""
-        self._tenants = frozenset(tenant_ids)
-        for tenant in self._tenants:
+        """Bound the tenant label to these ids: create added tenants' fixed series, remove removed tenants' series."""
+        new = frozenset(tenant_ids)
+        removed, added = self._tenants - new, new - self._tenants
+        self._tenants = new
+        for tenant in removed:
+            self._remove(tenant)
+        for tenant in added:
             self.request_duration.labels(tenant)
             self.token_fetch_duration.labels(tenant)
             self.token_replays.labels(tenant)
@@ -90,22 +141,41 @@ class Metrics:
             for outcome in TOKEN_OUTCOMES:
                 self.token_fetches.labels(tenant, outcome)
 
+    def _remove(self, tenant: str) -> None:
+        self.request_duration.remove(tenant)
+        self.token_fetch_duration.remove(tenant)
+        self.token_replays.remove(tenant)
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.remove(tenant, kind)
+        for outcome in TOKEN_OUTCOMES:
+            self.token_fetches.remove(tenant, outcome)
+        for key in [k for k in self._request_series if k[0] == tenant]:
+            self.requests.remove(*key)
+            self._request_series.discard(key)
+
     def tenant_label(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id in self._tenants else NO_TENANT
 
     # -- events --------------------------------------------------------------------------------------------------
     def request_done(self, tenant_id: str | None, method: str, status: int, seconds: float) -> None:
         tenant = self.tenant_label(tenant_id)
-        self.requests.labels(tenant, method if method in METHODS else "other", str(status)).inc()
+        key = (tenant, method if method in METHODS else OTHER_METHOD, str(status))
+        self._request_series.add(key)
+        self.requests.labels(*key).inc()
         self.request_duration.labels(tenant).observe(seconds)
 
     def upstream_error(self, tenant_id: str | None, kind: str) -> None:
-        self.upstream_errors.labels(self.tenant_label(tenant_id), kind).inc()
+        if kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(self.tenant_label(tenant_id), kind).inc()
 
     def token_fetched(self, tenant_id: str, outcome: str, seconds: float) -> None:
         tenant = self.tenant_label(tenant_id)
-        self.token_fetches.labels(tenant, outcome).inc()
+        if outcome in TOKEN_OUTCOMES:
+            self.token_fetches.labels(tenant, outcome).inc()
         self.token_fetch_duration.labels(tenant).observe(seconds)
 
     def token_replayed(self, tenant_id: str) -> None:
         self.token_replays.labels(self.tenant_label(tenant_id)).inc()
+
+    def config_reloaded(self, ok: bool) -> None:
+        self.config_reloads.labels("success" if ok else "failure").inc()
