@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -400,3 +401,19 @@ async def test_a_running_proxy_notices_a_changed_file_without_a_signal(child, si
 
     await poll_until(served, what="the new tenant being served")
     assert (await proc.wait_event("config_reloaded"))["trigger"].startswith("changed: ")
+
+
+async def test_sighup_to_a_proxy_in_no_file_mode_logs_that_there_is_nothing_to_re_read(simulator, tmp_path):
+    env = {"ST_APP_KEY": DEMO_APP_KEY, "ST_TENANT_ID": T1.tenant_id, "ST_CLIENT_ID": T1.client_id,
+           "ST_CLIENT_SECRET": T1.client_secret, "ST_AUTH_URL": simulator.auth_url, "ST_API_URL": simulator.base_url,
+           "ST_PROXY_LISTEN": "127.0.0.1:0", "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0", "ST_PROXY_CONFIG": ""}
+    proc = await ServeProcess.start(tmp_path, command=[sys.executable, "-m", "proxy", "serve"], env=env)
+    try:
+        assert proc.with_event("start")[0]["watching"] == []
+        proc.send(signal.SIGHUP)
+        line = await proc.wait_event("config_reload_skipped")
+        assert "environment is read once at start" in line["message"]
+        assert (await _get(f"{proc.url}/crm/v2/tenant/{T1.tenant_id}/customers"))[0] == 200
+    finally:
+        await proc.close()
+    assert T1.client_secret not in proc.output() and DEMO_APP_KEY not in proc.output()
