@@ -406,6 +406,14 @@ async def test_connect_is_refused_and_no_tunnel_is_opened(recorder, via_recorder
     assert recorder.seen == []
 
 
+async def test_an_asterisk_form_options_is_refused_as_invalid_request(recorder, via_recorder):
+    status, headers, _ = await raw_exchange(via_recorder.url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400
+    assert headers["x-st-proxy-error"] == "invalid_request"
+    assert headers["connection"] == "close"  # raw_exchange reads until close: no Connection: close was sent
+    assert recorder.seen == []
+
+
 # ---- routing errors -------------------------------------------------------------------------------------------
 
 
