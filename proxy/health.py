@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .runtime import RUNTIME, Runtime
+from .tokens import TokenStatus
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -30,23 +31,22 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def tenants(request: web.Request) -> web.Response:
+    """Per tenant: environment, token state and times, last error code, replays. Never a secret or a token."""
     rt: Runtime = request.app[RUNTIME]
     manager = rt.tokens
-    now = rt.clock()
     result = []
     for tenant in rt.holder.current.tenants.values():
-        entry = manager.entry(tenant) if manager else None
-        token = entry.token if entry else None
+        status = manager.status(tenant) if manager else TokenStatus("none", None, None, None)
         result.append({
             "id": tenant.tenant_id,
             "environment": tenant.environment.name,
             "token": {
-                "state": entry.state(now, manager.skew(token) if token else 0) if entry and manager else "none",
-                "expires_at": _rfc3339(token.expires_at) if token else None,
-                "last_fetch": _rfc3339(entry.last_fetch) if entry else None,
-                "last_error": entry.last_error if entry else None,
+                "state": status.state,
+                "expires_at": _rfc3339(status.expires_at),
+                "last_fetch": _rfc3339(status.last_fetch),
+                "last_error": status.last_error,
             },
-            "replays": entry.replays if entry else 0,
+            "replays": manager.replays(tenant.tenant_id) if manager else 0,
         })
     return web.json_response({"tenants": result})
 
@@ -57,5 +57,5 @@ def create_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/tenants", tenants)
-    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.exposition))
     return app

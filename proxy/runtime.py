@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -23,16 +23,24 @@ class Runtime:
     api_session: aiohttp.ClientSession | None = None
     token_session: aiohttp.ClientSession | None = None
     draining: bool = False
-    prewarm_done: bool = field(default=False)
+    started: bool = False  # every configured tenant's first token attempt has finished once
 
     def ready(self) -> bool:
-        return self.tokens is not None and not self.pending_tenants()
+        """Ready once the first token attempt for every tenant has finished, success or not (design.md section 1).
+
+        A latch: a tenant added later by a reload is prewarmed in the background but does not take the whole proxy
+        out of its load balancer while that happens; its requests wait on the token like any cold request.
+        """
+        if not self.started and self.tokens is not None and not self.pending_tenants():
+            self.started = True
+        return self.started
 
     def pending_tenants(self) -> list[str]:
         """Configured tenants whose first token attempt has not finished yet."""
+        tenants = self.holder.current.tenants
         if self.tokens is None:
-            return sorted(self.holder.current.tenants)
-        return [t.tenant_id for t in self.holder.current.tenants.values() if not self.tokens.entry(t).attempted.is_set()]
+            return sorted(tenants)
+        return sorted(t.tenant_id for t in tenants.values() if not self.tokens.attempted(t))
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

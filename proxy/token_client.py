@@ -11,6 +11,8 @@ import asyncio
 import base64
 import binascii
 import json
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,12 @@ from .config import Tenant
 DEFAULT_LIFETIME = 900.0  # ServiceTitan's documented lifetime, used when the answer says nothing (servicetitan.md)
 # RFC 6749 section 5.2 codes that mean the credentials themselves are wrong: retrying soon cannot help.
 REJECTED_CODES = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
+# The ``error`` code is shown to callers (token_rejected detail) and in /tenants: keep it to a plain token. RFC 6749
+# section 5.2 codes are lower-case words joined by "_"; anything else is replaced by the HTTP status.
+ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Visible ASCII only (RFC 6750 section 2.1 b64token is a subset): a space, CR or LF could split the Authorization header.
+ACCESS_TOKEN = re.compile(r"[\x21-\x7e]+")
+MAX_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a bigger one is not a token answer
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tokens compare by identity (design.md section 2, 401 replay)
@@ -62,7 +70,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone accepts "²"
         return float(value)
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - now)
@@ -94,6 +102,9 @@ def parse_token_answer(body: bytes, now: float) -> Token:
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise TokenRequestFailed("invalid_response", "token answer has no access_token", rejected=False)
+    if not ACCESS_TOKEN.fullmatch(access_token):
+        raise TokenRequestFailed("invalid_response", "access_token has characters a header cannot carry",
+                                 rejected=False)
     expires_in = data.get("expires_in")
     lifetime: float | None = None
     if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
@@ -108,7 +119,9 @@ def parse_token_answer(body: bytes, now: float) -> Token:
     if lifetime is None:
         exp = jwt_expiry(access_token)
         lifetime = exp - now if exp is not None else DEFAULT_LIFETIME
-    if not lifetime > 0:
+    if not math.isfinite(lifetime):
+        raise TokenRequestFailed("invalid_response", "expires_in is not a finite number", rejected=False)
+    if lifetime <= 0:
         raise TokenRequestFailed("invalid_response", "token is already expired", rejected=False)
     return Token(access_token, now, now + lifetime)
 
@@ -119,13 +132,25 @@ def _error_from_answer(status: int, body: bytes, retry_after: float | None) -> T
         data = json.loads(body)
     except ValueError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str) and data["error"].isascii():
-        code = data["error"][:64]
+    if isinstance(data, dict) and isinstance(data.get("error"), str) and ERROR_CODE.fullmatch(data["error"]):
+        code = data["error"]
         desc = data.get("error_description")
         description = f"{description} ({code})" if not isinstance(desc, str) else f"{description} ({code}: {desc[:200]})"
-    # A 400/401 is the endpoint judging the credentials (RFC 6749 section 5.2); 429 and 5xx are its own trouble.
-    rejected = code in REJECTED_CODES or status in (400, 401)
+    # 429 and 5xx are the endpoint's own trouble, whatever the body says (servicetitan.md: transient). A 400/401, or an
+    # RFC 6749 section 5.2 code naming the credentials, is the endpoint judging them: asking again soon cannot help.
+    transient = status == 429 or status >= 500
+    rejected = not transient and (code in REJECTED_CODES or status in (400, 401))
     return TokenRequestFailed(code, description, rejected=rejected, retry_after=retry_after)
+
+
+async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
+    """The answer body, or invalid_response when it is larger than any token answer could be."""
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TokenRequestFailed("invalid_response", "token answer is too large", rejected=False)
+    return bytes(body)
 
 
 class TokenClient:
@@ -156,7 +181,8 @@ class TokenClient:
             return await self._request(tenant, form, headers)
         except TokenRequestFailed as exc:
             # A misbehaving endpoint could echo the form back; the secret must not ride along into a log line.
-            if secret in exc.description:
+            if secret and (secret in exc.description or secret in exc.code):
+                exc.code = exc.code.replace(secret, "<redacted>")
                 exc.description = exc.description.replace(secret, "<redacted>")
                 exc.args = (f"{exc.code}: {exc.description}",)
             raise
@@ -165,7 +191,7 @@ class TokenClient:
         try:
             async with self._session.post(tenant.environment.auth_url, data=form, headers=headers,
                                           allow_redirects=False) as resp:
-                body = await resp.read()
+                body = await _read_limited(resp)
                 now = self._clock()
                 if resp.status != 200:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), now)

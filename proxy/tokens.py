@@ -12,11 +12,15 @@
   between half and all of its step, or the server's ``Retry-After`` when longer); meanwhile callers get
   ``token_unavailable`` without a new request. A still-valid token is served through both. Retries are lazy: the
   first request after the delay starts the next attempt, so nothing ever stops retrying and an idle tenant costs nothing.
+- An upstream 401 drops the token only if it is still the current one (identity), and at most once per
+  ``INVALIDATE_MIN_INTERVAL`` per entry: an API that refuses every fresh token must not turn each request into a token
+  request (ServiceTitan throttles its token endpoint, servicetitan.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
@@ -30,8 +34,14 @@ from .token_client import Token, TokenRequestFailed
 
 log = logging.getLogger("st_proxy.tokens")
 
-BACKOFF_FIRST = 1.0
+BACKOFF_FIRST = 1.0  # design.md section 2: 1 s doubling to 60 s
 BACKOFF_MAX = 60.0
+RETRY_AFTER_MAX = 600.0  # a server's Retry-After is honoured up to this; a bogus one must not stop retries for hours
+INVALIDATE_MIN_INTERVAL = 30.0  # at most one 401-triggered refetch per entry in this many seconds
+REFRESH_FRACTION = 0.5  # short tokens: refresh starts no earlier than half-way through the lifetime
+SKEW_FRACTION = 0.25  # short tokens: the skew never eats more than a quarter of the lifetime
+
+Key = tuple[str, str, str, str]
 
 
 class Fetcher(Protocol):
@@ -40,6 +50,16 @@ class Fetcher(Protocol):
 
 class TokenObserver(Protocol):
     def token_fetched(self, tenant_id: str, outcome: str, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    """What ``/tenants`` shows of an entry: never the token itself."""
+
+    state: str  # none | valid | refreshing | rejected | backing_off
+    expires_at: float | None
+    last_fetch: float | None  # when the last token request finished, whatever its outcome
+    last_error: str | None  # the OAuth error code or the proxy's own code (timeout, connect_error, http_503, ...)
 
 
 @dataclass(eq=False)
@@ -52,23 +72,8 @@ class TokenEntry:
     retry_at: float = 0.0  # no new fetch before this time
     last_fetch: float | None = None
     last_error: str | None = None
-    replays: int = 0
+    invalidated_at: float | None = None  # the last time an upstream 401 dropped this entry's token
     attempted: asyncio.Event = field(default_factory=asyncio.Event)  # the first attempt has finished
-
-    def state(self, now: float, skew: float) -> str:
-        if self.flight is not None:
-            return "refreshing"
-        if self.rejected:
-            return "rejected"
-        if self.failures:
-            return "backing_off"
-        if self.token is not None and now < self.token.expires_at - skew:
-            return "valid"
-        return "none"
-
-
-def _capped(token: Token, configured: float, fraction: float) -> float:
-    return min(configured, token.lifetime * fraction)
 
 
 class TokenManager:
@@ -86,7 +91,9 @@ class TokenManager:
         self._clock = clock
         self._observer = observer
         self._rng = rng or random.Random()
-        self._entries: dict[tuple[str, str, str, str], TokenEntry] = {}
+        self._entries: dict[Key, TokenEntry] = {}
+        self._replays: collections.Counter[str] = collections.Counter()  # by tenant id: survives a rotation
+        self._closed = False
 
     # -- reading ------------------------------------------------------------------------------------------------
     def entry(self, tenant: Tenant) -> TokenEntry:
@@ -97,13 +104,38 @@ class TokenManager:
         return entry
 
     def skew(self, token: Token) -> float:
-        return _capped(token, self.settings.expiry_skew_seconds, 0.25)
+        return min(self.settings.expiry_skew_seconds, token.lifetime * SKEW_FRACTION)
 
     def usable(self, token: Token | None, now: float) -> bool:
         return token is not None and now < token.expires_at - self.skew(token)
 
     def refresh_due(self, token: Token, now: float) -> bool:
-        return now >= token.expires_at - _capped(token, self.settings.refresh_ahead_seconds, 0.5)
+        window = min(self.settings.refresh_ahead_seconds, token.lifetime * REFRESH_FRACTION)
+        return now >= token.expires_at - window
+
+    def status(self, tenant: Tenant) -> TokenStatus:
+        entry = self._entries.get(tenant.credentials_key())
+        if entry is None:
+            return TokenStatus("none", None, None, None)
+        token = entry.token
+        if entry.flight is not None:
+            state = "refreshing"
+        elif entry.rejected:
+            state = "rejected"
+        elif entry.failures:
+            state = "backing_off"
+        elif self.usable(token, self._clock()):
+            state = "valid"
+        else:
+            state = "none"
+        return TokenStatus(state, token.expires_at if token else None, entry.last_fetch, entry.last_error)
+
+    def attempted(self, tenant: Tenant) -> bool:
+        entry = self._entries.get(tenant.credentials_key())
+        return entry is not None and entry.attempted.is_set()
+
+    def replays(self, tenant_id: str) -> int:
+        return self._replays[tenant_id]
 
     # -- the request path ---------------------------------------------------------------------------------------
     async def get(self, tenant: Tenant) -> Token:
@@ -111,32 +143,49 @@ class TokenManager:
         entry = self.entry(tenant)
         now = self._clock()
         token = entry.token
-        if self.usable(token, now):
-            assert token is not None
-            if self.refresh_due(token, now) and entry.flight is None and now >= entry.retry_at:
-                self._start(entry)
+        if token is not None and self.usable(token, now):
+            if self.refresh_due(token, now) and entry.flight is None and now >= entry.retry_at and not self._closed:
+                self._start(entry)  # in the background: this caller and the next keep the current token
             return token
         if entry.flight is None:
             if now < entry.retry_at:
                 raise self._refusal(entry, now)
+            if self._closed:
+                raise TokenUnavailable("the proxy is shutting down", tenant=tenant.tenant_id, retry_after=BACKOFF_FIRST)
             self._start(entry)
-        assert entry.flight is not None
+        flight = entry.flight
+        assert flight is not None
         try:
-            return await asyncio.shield(entry.flight)
+            return await asyncio.shield(flight)  # cancelling this caller cancels its wait, not the shared fetch
         except TokenRequestFailed:
             raise self._refusal(entry, self._clock()) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if flight.cancelled() and task is not None and not task.cancelling():
+                # The fetch itself was abandoned (its entry was retired by a reload, or shutdown), not this caller.
+                raise TokenUnavailable("the token request was abandoned; try again", tenant=tenant.tenant_id,
+                                       retry_after=BACKOFF_FIRST) from None
+            raise
 
     def invalidate(self, tenant: Tenant, token: Token) -> bool:
-        """Drop ``token`` if it is still the current one (by identity): an upstream 401 said it no longer works."""
+        """Drop ``token`` after an upstream 401, if it is still the current one (by identity) and the entry has not
+        dropped one within ``INVALIDATE_MIN_INTERVAL``. True when it was dropped."""
         entry = self._entries.get(tenant.credentials_key())
         if entry is None or entry.token is not token:
             return False
-        entry.token = None
+        now = self._clock()
+        if entry.invalidated_at is not None and now - entry.invalidated_at < INVALIDATE_MIN_INTERVAL:
+            return False
+        entry.token, entry.invalidated_at = None, now
+        log.info("tenant %s: upstream refused the token (401); fetching a new one", tenant.tenant_id,
+                 extra={"event": "token_invalidated", "tenant": tenant.tenant_id})
         return True
+
+    def record_replay(self, tenant: Tenant) -> None:
+        self._replays[tenant.tenant_id] += 1
 
     def _refusal(self, entry: TokenEntry, now: float) -> TokenRejected | TokenUnavailable:
         tenant_id = entry.tenant.tenant_id
-        wait = max(0.0, entry.retry_at - now)
         if entry.rejected:
             return TokenRejected(
                 f"the token endpoint refused the tenant's credentials ({entry.last_error})", tenant=tenant_id
@@ -144,7 +193,7 @@ class TokenManager:
         return TokenUnavailable(
             f"no token for the tenant: the token endpoint is failing ({entry.last_error})",
             tenant=tenant_id,
-            retry_after=wait or BACKOFF_FIRST,
+            retry_after=max(entry.retry_at - now, BACKOFF_FIRST),
         )
 
     # -- the single flight --------------------------------------------------------------------------------------
@@ -159,22 +208,29 @@ class TokenManager:
         tenant_id = entry.tenant.tenant_id
         started = time.perf_counter()
         try:
-            token = await asyncio.wait_for(
-                self._fetcher.fetch(entry.tenant), timeout=self.settings.fetch_timeout_seconds
-            )
-        except (TokenRequestFailed, asyncio.TimeoutError) as exc:
-            failure = exc if isinstance(exc, TokenRequestFailed) else TokenRequestFailed(
-                "timeout", "token request took longer than tokens.fetch_timeout_seconds", rejected=False
-            )
+            try:
+                token = await asyncio.wait_for(
+                    self._fetcher.fetch(entry.tenant), timeout=self.settings.fetch_timeout_seconds
+                )
+            except TokenRequestFailed:
+                raise
+            except TimeoutError:
+                raise TokenRequestFailed("timeout", "no token answer within tokens.fetch_timeout_seconds",
+                                         rejected=False) from None
+            except Exception as exc:  # a bug or an unforeseen error is still a transient failure: keep retrying
+                raise TokenRequestFailed("fetch_error", f"token request failed ({type(exc).__name__})",
+                                         rejected=False) from None
+        except TokenRequestFailed as failure:
             self._failed(entry, failure)
             self._observe(tenant_id, "rejected" if failure.rejected else "error", started)
-            raise failure from None
+            raise
         finally:
             entry.flight = None
             entry.last_fetch = self._clock()
             entry.attempted.set()
         if entry.failures or entry.rejected:
-            log.info("tenant %s: token fetch recovered", tenant_id, extra={"event": "token_recovered", "tenant": tenant_id})
+            log.info("tenant %s: token fetch recovered", tenant_id,
+                     extra={"event": "token_recovered", "tenant": tenant_id})
         entry.token, entry.rejected, entry.failures, entry.retry_at, entry.last_error = token, False, 0, 0.0, None
         self._observe(tenant_id, "success", started)
         return token
@@ -182,6 +238,7 @@ class TokenManager:
     def _failed(self, entry: TokenEntry, failure: TokenRequestFailed) -> None:
         now = self._clock()
         tenant_id = entry.tenant.tenant_id
+        # One log line per state change (design.md section 2), not one per attempt or per refused request.
         changed = entry.last_error != failure.code or entry.rejected != failure.rejected
         entry.last_error = failure.code
         if failure.rejected:
@@ -196,14 +253,14 @@ class TokenManager:
             return
         entry.rejected = False
         entry.failures += 1
-        step = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (entry.failures - 1))
+        step = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(entry.failures - 1, 16))
         delay = self._rng.uniform(step / 2, step)
         if failure.retry_after is not None and failure.retry_after > delay:
-            delay = failure.retry_after
+            delay = min(failure.retry_after, RETRY_AFTER_MAX)
         entry.retry_at = now + delay
         if changed:
             log.warning(
-                "tenant %s: token fetch failed (%s); backing off",
+                "tenant %s: token fetch failed (%s); backing off, retrying on demand",
                 tenant_id, failure.code,
                 extra={"event": "token_backing_off", "tenant": tenant_id, "error": failure.code},
             )
@@ -212,7 +269,7 @@ class TokenManager:
         if self._observer is not None:
             self._observer.token_fetched(tenant_id, outcome, time.perf_counter() - started)
 
-    # -- start-up and reload ------------------------------------------------------------------------------------
+    # -- start-up, reload, shutdown -----------------------------------------------------------------------------
     async def prewarm(self, tenants: Iterable[Tenant]) -> None:
         """Fetch every tenant's first token, a bounded number at a time; failures are recorded, not raised."""
         limit = asyncio.Semaphore(self.settings.prewarm_concurrency)
@@ -228,18 +285,33 @@ class TokenManager:
 
         await asyncio.gather(*(one(t) for t in tenants))
 
+    async def wait_attempted(self, tenants: Iterable[Tenant]) -> None:
+        """Until every one of ``tenants`` has finished its first token attempt."""
+        for tenant in tenants:
+            await self.entry(tenant).attempted.wait()
+
     def retain(self, tenants: Iterable[Tenant]) -> int:
         """Forget entries whose credentials are no longer configured (a removed tenant or a rotated secret)."""
+        tenants = list(tenants)
         keep = {t.credentials_key() for t in tenants}
         stale = [key for key in self._entries if key not in keep]
         for key in stale:
             entry = self._entries.pop(key)
             if entry.flight is not None:
-                entry.flight.cancel()
+                entry.flight.cancel()  # its waiters get token_unavailable; a token from old credentials is useless
+        ids = {t.tenant_id for t in tenants}
+        for tenant_id in [t for t in self._replays if t not in ids]:
+            del self._replays[tenant_id]
         return len(stale)
 
+    async def idle(self) -> None:
+        """Until no fetch is in flight (tests, shutdown); the fetches' own outcomes are recorded, not raised."""
+        while flights := [e.flight for e in self._entries.values() if e.flight is not None]:
+            await asyncio.gather(*flights, return_exceptions=True)
+
     async def close(self) -> None:
-        flights = [e.flight for e in self._entries.values() if e.flight is not None]
-        for flight in flights:
-            flight.cancel()
-        await asyncio.gather(*flights, return_exceptions=True)
+        self._closed = True  # no new fetch from here on, whoever asks
+        pending = [e.flight for e in self._entries.values() if e.flight is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
