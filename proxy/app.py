@@ -57,6 +57,8 @@ def create_app(
     """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app."""
     runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
     runtime.metrics.set_tenants(config.tenants)
+    # Registered before start, so every configured tenant has an expiry series (0) from the first scrape.
+    runtime.metrics.watch_expiries(lambda: _expiries(runtime))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         current = runtime.holder.current
@@ -67,7 +69,6 @@ def create_app(
         client = TokenClient(runtime.token_session, client_auth=current.tokens.client_auth,
                              scope=current.tokens.scope, clock=clock)
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
-        runtime.metrics.watch_expiries(lambda: _expiries(runtime))
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             for tenant in current.tenants.values():
@@ -86,7 +87,9 @@ def create_app(
         session=lambda: _require(runtime.api_session),
         metrics=runtime.metrics,
     )
-    app = web.Application()
+    # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
+    # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (design.md: passes untouched).
+    app = web.Application(middlewares=[forwarder.unroutable], handler_args={"auto_decompress": False})
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)

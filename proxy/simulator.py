@@ -376,6 +376,9 @@ async def _download(request: web.Request) -> web.StreamResponse:
         return _problem(400, "bytes must be a non-negative integer, chunk a positive one, delay seconds")
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
     await response.prepare(request)
+    if request.method == "HEAD":  # aiohttp's StreamResponse would send the bytes even for HEAD (RFC 9110 9.3.2)
+        await response.write_eof()
+        return response
     block = DOWNLOAD_PATTERN * (chunk // len(DOWNLOAD_PATTERN) + 2)
     sent = 0
     while sent < size:
