@@ -132,7 +132,7 @@ class Metrics:
         self._tenants = new
         for tenant in removed:
             self._remove(tenant)
-        for tenant in added:
+        for tenant in sorted(added):  # sorted: the exposition lists tenants in a stable order
             self.request_duration.labels(tenant)
             self.token_fetch_duration.labels(tenant)
             self.token_replays.labels(tenant)
