@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return check_config(args.config, environ)
         if args.command == "serve":
             config = load_config(args.config, environ)
-            logsetup.setup(args.log_format, args.log_level)
+            logsetup.setup(args.log_format, args.log_level, libraries=True)
             for warning in config.warnings:
                 log.warning("config: %s", warning, extra={"event": "config_warning"})
             # Reloads re-read the same file; in no-file mode the environment is fixed, so there is nothing to reload.

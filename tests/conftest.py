@@ -100,7 +100,8 @@ class RunningProxy:
         return str(self.admin.make_url("")).rstrip("/")
 
     async def metrics_text(self) -> str:
-        async with self.session.get(self.admin_url + "/metrics") as resp:
+        # The session keeps bodies as sent (auto_decompress=False), so ask for them uncompressed.
+        async with self.session.get(self.admin_url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
             return await resp.text()
 
 
