@@ -246,7 +246,7 @@ class TokenManager:
             entry.retry_at = now + self.settings.rejected_cooloff_seconds
             if changed:
                 log.warning(
-                    "tenant %s: token endpoint rejected the credentials (%s); next attempt in %ss",
+                    "tenant %s: token endpoint rejected the credentials (%s); no new attempt for %ss",
                     tenant_id, failure.code, self.settings.rejected_cooloff_seconds,
                     extra={"event": "token_rejected", "tenant": tenant_id, "error": failure.code},
                 )
