@@ -100,11 +100,6 @@ def reloads(metrics_text: str) -> dict[str, float]:
     raise AssertionError("st_proxy_config_reloads_total is missing")
 
 
-async def metrics_text(proxy) -> str:
-    async with proxy.session.get(proxy.admin_url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
-        return await resp.text()
-
-
 def log_records(text: str, event: str) -> list[dict]:
     return [r for r in map(json.loads, text.splitlines()) if r.get("event") == event]
 
@@ -164,7 +159,7 @@ async def test_a_tenant_added_by_an_atomic_rename_is_served_at_once(plain, simul
 
     assert await _status(proxy, T3.tenant_id) == 200
     assert await _status(proxy, T1.tenant_id) == 200
-    assert reloads(await metrics_text(proxy)) == {"success": 1.0, "failure": 0.0}
+    assert reloads(await proxy.metrics_text()) == {"success": 1.0, "failure": 0.0}
     async with proxy.session.get(proxy.admin_url + "/tenants") as resp:
         assert [t["id"] for t in (await resp.json())["tenants"]] == [T1.tenant_id, T2.tenant_id, T3.tenant_id]
 
@@ -175,7 +170,7 @@ async def test_unchanged_files_cause_no_reload(plain):
     os.utime(path)  # touched, same content: a reload is harmless, but here the stat did change
     assert await reloader.check_now() is True
     assert await reloader.check_now() is None
-    assert reloads(await metrics_text(proxy)) == {"success": 1.0, "failure": 0.0}
+    assert reloads(await proxy.metrics_text()) == {"success": 1.0, "failure": 0.0}
 
 
 async def test_a_secret_rotated_through_a_kubernetes_data_symlink_swap_is_used_for_the_next_request(kube, simulator):
@@ -203,7 +198,7 @@ async def test_a_tenant_removed_through_a_kubernetes_configmap_update_gets_403(k
 
     assert await _status(proxy, T2.tenant_id) == 403
     assert await _status(proxy, T1.tenant_id) == 200
-    text = await metrics_text(proxy)  # the removed tenant's series do not break a scrape
+    text = await proxy.metrics_text()  # the removed tenant's series do not break a scrape
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert {"tenant": "none", "method": "GET", "code": "403"} in [s.labels for s in samples if s.value == 1.0]
     assert not [s for s in samples if s.labels.get("tenant") == T2.tenant_id]  # a removed id is no label value
@@ -223,7 +218,7 @@ async def test_a_secret_file_that_appears_after_its_config_is_picked_up_without_
     (secrets / f"{T3.tenant_id}.client_secret").write_text(T3.client_secret)
     assert await reloader.check_now() is True
     assert await _status(proxy, T3.tenant_id) == 200
-    assert reloads(await metrics_text(proxy)) == {"success": 1.0, "failure": 1.0}
+    assert reloads(await proxy.metrics_text()) == {"success": 1.0, "failure": 1.0}
 
 
 def test_the_watcher_finds_every_secret_file_an_unvalidated_config_names(tmp_path):
@@ -253,7 +248,7 @@ async def test_an_invalid_config_is_logged_counted_and_the_old_one_keeps_serving
     assert await reloader.check_now() is False
     assert proxy.runtime.holder.current is old
     assert await _status(proxy, T2.tenant_id) == 200  # still configured: the old config is in force
-    assert reloads(await metrics_text(proxy)) == {"success": 0.0, "failure": 1.0}
+    assert reloads(await proxy.metrics_text()) == {"success": 0.0, "failure": 1.0}
     logs = captured_logs()
     [line] = log_records(logs, "config_reload_failed")
     assert line["level"] == "error" and line["problems"]
@@ -313,7 +308,7 @@ async def test_no_file_mode_has_nothing_to_re_read_and_says_so(simulator, start_
     assert await reloader.check_now() is None
     [line] = log_records(captured_logs(), "config_reload_skipped")
     assert "nothing to re-read" in line["message"]
-    assert reloads(await metrics_text(proxy)) == {"success": 0.0, "failure": 0.0}
+    assert reloads(await proxy.metrics_text()) == {"success": 0.0, "failure": 0.0}
 
 
 # -- a real `st-proxy serve` process -----------------------------------------------------------------------------
