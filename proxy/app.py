@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .config import Config, UpstreamConfig
+from .egress import EgressProxies
 from .forwarding import Forwarder
 from .health import create_admin_app
 from .metrics import Metrics
@@ -42,7 +44,7 @@ def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float) -> ai
                                       sock_read=read_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
         auto_decompress=False,  # Content-Encoding passes through untouched
-        trust_env=True,  # HTTPS_PROXY / NO_PROXY
+        trust_env=False,  # HTTPS_PROXY / NO_PROXY come from egress.EgressProxies, resolved once per base URL
     )
 
 
@@ -53,9 +55,11 @@ def create_app(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     prewarm: bool = True,
+    environ: Mapping[str, str] | None = None,
 ) -> web.Application:
     """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app."""
     runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
+    egress = EgressProxies(os.environ if environ is None else environ)
     runtime.metrics.set_tenants(config.tenants)
     # Registered before start, so every configured tenant has an expiry series (0) from the first scrape.
     runtime.metrics.watch_expiries(lambda: _expiries(runtime))
@@ -67,7 +71,7 @@ def create_app(
         # Token requests get their own pool so they never queue behind slow export downloads.
         runtime.token_session = _session(current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds)
         client = TokenClient(runtime.token_session, client_auth=current.tokens.client_auth,
-                             scope=current.tokens.scope, clock=clock)
+                             scope=current.tokens.scope, clock=clock, egress=egress)
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
@@ -86,6 +90,7 @@ def create_app(
         tokens=lambda: _require(runtime.tokens),
         session=lambda: _require(runtime.api_session),
         metrics=runtime.metrics,
+        egress=egress,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (design.md: passes untouched).

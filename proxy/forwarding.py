@@ -20,6 +20,7 @@ from yarl import URL
 from . import headers as hdrs
 from . import log as access_log
 from .config import Config, Tenant
+from .egress import DIRECT
 from .errors import (
     ProxyError,
     RequestError,
@@ -107,7 +108,9 @@ class Forwarder:
         tokens: Callable[[], TokenManager],
         session: Callable[[], aiohttp.ClientSession],
         metrics: Metrics,
+        egress: Callable[[str], URL | None] = lambda url: DIRECT,
     ) -> None:
+        self._egress = egress
         self._config = config
         self._tokens = tokens
         self._session = session
@@ -270,11 +273,12 @@ class Forwarder:
             app_key=tenant.app_key.reveal(),
             request_id=request_id,
         )
+        proxy = self._egress(tenant.environment.api_url)
         sent = time.perf_counter()
         try:
             upstream = await self._session().request(
                 request.method, url, headers=out_headers, data=body, allow_redirects=False,
-                skip_auto_headers=hdrs.NO_AUTO_HEADERS,
+                skip_auto_headers=hdrs.NO_AUTO_HEADERS, proxy=proxy,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             caller_side = _body_failure(body, tenant.tenant_id)

@@ -20,8 +20,10 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import quote_plus
 
 import aiohttp
+from yarl import URL
 
 from .config import Tenant
+from .egress import DIRECT
 
 DEFAULT_LIFETIME = 900.0  # ServiceTitan's documented lifetime, used when the answer says nothing (servicetitan.md)
 # RFC 6749 section 5.2 codes that mean the credentials themselves are wrong: retrying soon cannot help.
@@ -161,8 +163,10 @@ class TokenClient:
         client_auth: str = "client_secret_post",
         scope: str | None = None,
         clock: Callable[[], float] = time.time,
+        egress: Callable[[str], URL | None] = lambda url: DIRECT,
     ) -> None:
         self._session = session
+        self._egress = egress
         self._client_auth = client_auth
         self._scope = scope
         self._clock = clock
@@ -188,9 +192,10 @@ class TokenClient:
             raise
 
     async def _request(self, tenant: Tenant, form: dict[str, str], headers: dict[str, str]) -> Token:
+        proxy = self._egress(tenant.environment.auth_url)
         try:
             async with self._session.post(tenant.environment.auth_url, data=form, headers=headers,
-                                          allow_redirects=False) as resp:
+                                          allow_redirects=False, proxy=proxy) as resp:
                 body = await _read_limited(resp)
                 now = self._clock()
                 if resp.status != 200:

@@ -112,6 +112,7 @@ async def start_proxy(aiohttp_server) -> AsyncIterator[Callable[..., Awaitable[R
     async def start(config: Config, **kwargs: Any) -> RunningProxy:
         registry = kwargs.pop("registry", None) or CollectorRegistry()
         kwargs.setdefault("rng", random.Random(7))
+        kwargs.setdefault("environ", {})  # no HTTP(S)_PROXY from the machine: tests talk to loopback directly
         app = create_app(config, registry=registry, **kwargs)
         server = await aiohttp_server(app)
         admin = await aiohttp_server(create_admin_app(app[RUNTIME]))
