@@ -33,7 +33,8 @@ log = logging.getLogger("st_proxy.app")
 __all__ = ["create_app", "create_admin_app", "RUNTIME"]
 
 
-def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float) -> aiohttp.ClientSession:
+def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float,
+             decompress: bool = False) -> aiohttp.ClientSession:
     ssl_context: ssl.SSLContext | bool = True
     if upstream.ca_file:
         ssl_context = ssl.create_default_context()
@@ -43,7 +44,9 @@ def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float) -> ai
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
                                       sock_read=read_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
-        auto_decompress=False,  # Content-Encoding passes through untouched
+        # API answers: Content-Encoding passes through untouched. Token answers are read here, and aiohttp asks for
+        # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.
+        auto_decompress=decompress,
         trust_env=False,  # HTTPS_PROXY / NO_PROXY come from egress.EgressProxies, resolved once per base URL
     )
 
@@ -69,7 +72,8 @@ def create_app(
         runtime.api_session = _session(current.upstream, limit=current.upstream.max_connections,
                                        read_timeout=current.upstream.read_timeout_seconds)
         # Token requests get their own pool so they never queue behind slow export downloads.
-        runtime.token_session = _session(current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds)
+        runtime.token_session = _session(current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds,
+                                         decompress=True)
         client = TokenClient(runtime.token_session, client_auth=current.tokens.client_auth,
                              scope=current.tokens.scope, clock=clock, egress=egress)
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
