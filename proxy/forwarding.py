@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -89,6 +89,13 @@ def _upstream_failure(exc: BaseException, tenant: str) -> tuple[str, UpstreamErr
 def _origin_form(request: web.Request) -> bool:
     """RFC 9112 section 3.2.1: ``/path?query``. Absolute-form, authority-form (CONNECT) and ``*`` are refused."""
     return request.raw_path.startswith("/") and request.method != "CONNECT"
+
+
+async def _prefixed(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    async for chunk in rest:
+        yield chunk
 
 
 def _trace_id(body: bytes) -> str | None:
@@ -236,19 +243,19 @@ class Forwarder:
             problem = None
         title = problem.get("title") if isinstance(problem, dict) else None
         if isinstance(title, str) and title.startswith(APP_KEY_TITLE):
-            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+            return await self._relay(request, upstream, tenant, request_id, ex, head=error_body)
         # Dropped only if it is still the current token (identity): a 401 for an old token keeps a newer one. Also
         # when this request cannot be replayed, so that the next one gets a fresh token.
         tokens.invalidate(tenant, token)
         if not replayable:  # the body was streamed upstream and is gone: the caller gets the 401 and may retry
-            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+            return await self._relay(request, upstream, tenant, request_id, ex, head=error_body)
         try:
             fresh = await tokens.get(tenant)  # through the same single flight as every other caller
         except ProxyError:
             upstream.release()
             raise
         if fresh is token:  # no newer token to try (tokens.INVALIDATE_MIN_INTERVAL): a replay would be the same
-            return await self._relay_buffered(request, upstream, error_body, request_id, ex)
+            return await self._relay(request, upstream, tenant, request_id, ex, head=error_body)
         upstream.release()
         tokens.record_replay(tenant)
         self._metrics.token_replayed(tenant.tenant_id)
@@ -291,22 +298,11 @@ class Forwarder:
         ex.upstream_ms = round((time.perf_counter() - sent) * 1000, 2)
         return upstream
 
-    async def _relay_buffered(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, body: bytes, request_id: str, ex: _Exchange
-    ) -> web.StreamResponse:
-        rest = await upstream.read() if not upstream.content.at_eof() else b""
-        upstream.release()
-        ex.trace_id = _trace_id(body + rest)
-        response = web.Response(
-            status=upstream.status, reason=upstream.reason, body=body + rest,
-            headers=hdrs.downstream_response_headers(upstream.headers, request_id),
-        )
-        ex.bytes = len(body + rest)
-        return response
-
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, tenant: Tenant, request_id: str, ex: _Exchange
+        self, request: web.Request, upstream: aiohttp.ClientResponse, tenant: Tenant, request_id: str, ex: _Exchange,
+        head: bytes = b"",
     ) -> web.StreamResponse:
+        """Stream ``upstream`` to the caller; ``head`` is what was already read of its body (a 401's first bytes)."""
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason,
             headers=hdrs.downstream_response_headers(upstream.headers, request_id),
@@ -316,7 +312,7 @@ class Forwarder:
         want_trace = upstream.status >= 400
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            async for chunk in _prefixed(head, upstream.content.iter_chunked(CHUNK)):
                 if want_trace and ex.bytes == 0:
                     ex.trace_id = _trace_id(chunk)
                 ex.bytes += len(chunk)

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -148,3 +149,39 @@ async def test_a_replay_whose_new_token_is_refused_by_the_token_endpoint_answers
     assert status == 502 and headers["X-ST-Proxy-Error"] == "token_rejected"
     assert "invalid_client" in json.loads(body)["detail"]
     assert await replays(proxy) == (0, 0)
+
+
+@pytest.fixture
+async def broken_401_api():
+    """A raw loopback API that answers ServiceTitan's token 401 with a body larger than the proxy buffers, and hangs
+    up half-way through it."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
+                     + b'{"title": "Unauthorized", "pad": "' + b"x" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    yield f"http://{host}:{port}"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_large_401_that_breaks_off_is_cut_off_for_the_caller_not_turned_into_a_500(
+        simulator, broken_401_api, start_proxy):
+    # The body is not kept for a replay (limit 0), so the 401 goes back to the caller; the upstream hangs up mid-body.
+    config = sim_config(simulator, api_url=broken_401_api, tokens={"replay_body_limit_bytes": 0})
+    proxy = await start_proxy(config, prewarm=False)
+    async with proxy.session.post(proxy.url + ECHO, data=b"0123456789") as resp:
+        assert resp.status == 401  # the upstream's status line, as for any answer that breaks off mid-stream
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    m = await metrics(proxy)
+    assert m[("st_proxy_upstream_errors_total", (("kind", "reset"), ("tenant", T1.tenant_id)))] == 1
+    assert not [key for key in m if key[0] == "st_proxy_requests_total" and ("code", "500") in key[1]]
