@@ -41,8 +41,11 @@ def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float,
         ssl_context.load_verify_locations(cafile=upstream.ca_file)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=ssl_context),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=upstream.connect_timeout_seconds,
-                                      sock_read=read_timeout),
+        # `connect` bounds the wait for a pooled connection plus connecting: without it a request queued behind
+        # max_connections slow exports waits forever, holding a token that may pass its expiry meanwhile (the default
+        # 10 s stays inside the 30 s expiry skew).
+        timeout=aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_seconds,
+                                      sock_connect=upstream.connect_timeout_seconds, sock_read=read_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
         # API answers: Content-Encoding passes through untouched. Token answers are read here, and aiohttp asks for
         # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.

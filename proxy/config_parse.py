@@ -73,7 +73,8 @@ def parse_url(value: object, *, strip_slash: bool) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {value!r}")
     if parts.query or parts.fragment:
-        raise ValueError(f"must not carry a query or fragment, got {value!r}")
+        # Not echoed: a query may carry a credential (?client_secret=...).
+        raise ValueError("must not carry a query or fragment")
     # The caller's path is appended to an api_url as is, so a trailing slash would double up; a token URL is used
     # exactly as written.
     return value.rstrip("/") if strip_slash else value

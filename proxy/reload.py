@@ -125,7 +125,8 @@ class Reloader:
 
     async def close(self) -> None:
         if self._signals:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # Ignore, not default: SIGHUP's default action would kill a process still draining requests.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: None)
             self._signals = False
         tasks = [t for t in (self._poller, *self._tasks) if t is not None]
         for task in tasks:

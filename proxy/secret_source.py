@@ -24,18 +24,20 @@ class SecretError(ValueError):
 class Secret:
     """A resolved secret value with a redacted representation."""
 
-    __slots__ = ("_value", "source")
+    __slots__ = ("_value", "source", "_fingerprint")
 
     def __init__(self, value: str, source: str) -> None:
         self._value = value
         self.source = source
+        # Computed once: the token cache key uses it on every request (Tenant.credentials_key).
+        self._fingerprint = hashlib.sha256(value.encode()).hexdigest()[:16]
 
     def reveal(self) -> str:
         return self._value
 
     def fingerprint(self) -> str:
         """A short, one-way digest: enough to tell a rotated secret from the old one, useless to an attacker."""
-        return hashlib.sha256(self._value.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Secret(<redacted>, source={self.source!r})"

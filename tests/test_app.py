@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from conftest import T1, sim_config
@@ -35,3 +37,34 @@ async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_
     async with proxy.session.get(f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers") as resp:
         assert resp.status == 200, await resp.text()
     assert seen == [f"Bearer {ISSUED}"]
+
+
+async def test_a_request_queued_behind_a_full_connection_pool_gets_a_timeout_not_an_endless_wait(
+    aiohttp_server, simulator, start_proxy
+):
+    # With every pooled connection busy, a queued request must not wait forever holding a token that may expire
+    # meanwhile: upstream.connect_timeout_seconds bounds the wait for a connection too.
+    release, holding = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        holding.set()
+        await release.wait()
+        return web.json_response({"data": []})
+
+    api_app = web.Application()
+    api_app.router.add_route("*", "/{tail:.*}", slow)
+    api_server = await aiohttp_server(api_app)
+    config = sim_config(simulator, api_url=str(api_server.make_url("")).rstrip("/"),
+                        upstream={"max_connections": 1, "connect_timeout_seconds": 0.2})
+    proxy = await start_proxy(config)
+    url = f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers"
+
+    first = asyncio.ensure_future(proxy.session.get(url))
+    await holding.wait()
+    async with asyncio.timeout(30):  # a safety bound so a regression fails instead of hanging, not a speed check
+        async with proxy.session.get(url) as resp:
+            assert resp.status == 504
+            assert resp.headers["X-ST-Proxy-Error"] == "upstream_timeout"
+    release.set()
+    async with await first as resp:
+        assert resp.status == 200

@@ -224,7 +224,7 @@ def test_a_user_environment_is_added_and_a_built_in_one_can_be_overridden_in_par
         ("{api_url: http://x}", ["environments.e.auth_url: is required"]),
         ("{auth_url: 'ftp://x/t', api_url: http://x}", ["environments.e.auth_url: expected an http(s) URL, got 'ftp://x/t'"]),
         ("{auth_url: http://x/t, api_url: 'http://x/?a=1'}",
-         ["environments.e.api_url: must not carry a query or fragment, got 'http://x/?a=1'"]),
+         ["environments.e.api_url: must not carry a query or fragment"]),
         ("{auth_url: http://x/t, api_url: 5}", ["environments.e.api_url: expected an http(s) URL, got a number"]),
         ("{auth_url: http://x/t, api_url: 'http://x:99999'}", ["environments.e.api_url: not a valid URL"]),
         ("{auth_url: http://x/t, api_url: http://x, region: eu}",
