@@ -140,3 +140,17 @@ async def test_sigint_skips_the_drain_delay_but_still_exits_0(serve):
     child.send(signal.SIGINT)
     assert await child.wait_exit() == 0  # the deadline is far below the 600 s drain: SIGINT did not wait for it
     assert child.with_event("draining")[0]["drain_seconds"] == 0
+
+
+async def test_a_sighup_while_in_flight_requests_finish_does_not_kill_the_process(serve, gate):
+    child = await serve(drain_seconds=0, timeout_seconds=30)
+    async with aiohttp.ClientSession() as caller:
+        async with caller.get(child.url + _path()) as resp:
+            assert await resp.content.readline() == b"first\n"
+            child.send(signal.SIGTERM)
+            await child.wait_event("listener_closed")
+            child.send(signal.SIGHUP)  # a config-management tool reloading at the wrong moment
+            gate[0].release.set()
+            assert await resp.content.read() == b"last\n"
+    assert await child.wait_exit() == 0
+    assert child.with_event("stopped")
