@@ -92,6 +92,7 @@ class TokenManager:
         self._observer = observer
         self._rng = rng or random.Random()
         self._entries: dict[Key, TokenEntry] = {}
+        self._retired: set[Key] = set()  # dropped by the last retain(): never cached again
         self._replays: collections.Counter[str] = collections.Counter()  # by tenant id: survives a rotation
         self._closed = False
 
@@ -100,7 +101,11 @@ class TokenManager:
         key = tenant.credentials_key()
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = TokenEntry(tenant)
+            entry = TokenEntry(tenant)
+            # A request that read the config before a reload retired these credentials still gets a token, but the
+            # entry is not kept: nothing would ever drop it again.
+            if key not in self._retired:
+                self._entries[key] = entry
         return entry
 
     def skew(self, token: Token) -> float:
@@ -295,6 +300,7 @@ class TokenManager:
         tenants = list(tenants)
         keep = {t.credentials_key() for t in tenants}
         stale = [key for key in self._entries if key not in keep]
+        self._retired = set(stale)
         for key in stale:
             entry = self._entries.pop(key)
             if entry.flight is not None:

@@ -252,6 +252,17 @@ async def test_retain_drops_a_rotated_entry_and_its_waiters_get_token_unavailabl
     assert (await tokens.get(rotated)).access_token == "token-2"
 
 
+async def test_a_request_that_read_the_old_config_does_not_bring_retired_credentials_back_into_the_cache(clock):
+    fetcher = FakeFetcher(clock)
+    tokens = manager(fetcher, clock)
+    await tokens.get(TENANT)
+    rotated = sim_config(None, tenants=[SimTenant(T1.tenant_id, T1.client_id, "cs1.rotated")]).tenants[T1.tenant_id]
+    assert tokens.retain([rotated]) == 1
+    late = await tokens.get(TENANT)  # in flight across the reload: it finishes on the config it started with
+    assert late.access_token == "token-2"
+    assert tokens.retain([rotated]) == 0  # and nothing of the retired credentials was cached again
+
+
 async def test_an_unexpected_fetcher_error_is_a_transient_failure_with_backoff(clock):
     fetcher = FakeFetcher(clock)
     fetcher.failures.append(RuntimeError("a bug"))
