@@ -417,6 +417,13 @@ def from_environment(environ: Mapping[str, str]) -> Config:
     variable (``env.ST_TENANT_ID: a tenant id must be digits``)."""
     raw, env_name, missing = config_env.document(environ)
     if missing:
+        # Validate the rest too, with harmless stand-ins for what is missing, so every problem is listed at once.
+        stand_in = {**environ, **{name: "0" for name in config_env.REQUIRED if not environ.get(name)}}
+        raw, env_name, _ = config_env.document(stand_in)
+        try:
+            from_mapping(raw, stand_in)
+        except ConfigError as exc:
+            missing += [config_env.rename(problem, env_name) for problem in exc.problems]
         raise ConfigError(missing)
     try:
         return from_mapping(raw, environ)

@@ -595,6 +595,18 @@ def test_no_file_mode_lists_every_missing_variable_by_name():
     assert caught.value.problems[0].startswith("env: no config file (--config or ST_PROXY_CONFIG)")
 
 
+def test_no_file_mode_lists_bad_values_together_with_missing_variables():
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ST_TENANT_ID": "acme", "ST_PROXY_LISTEN": "nowhere"})
+    assert caught.value.problems[1:] == [
+        "env.ST_APP_KEY: is not set (or empty)",
+        "env.ST_CLIENT_ID: is not set (or empty)",
+        "env.ST_CLIENT_SECRET: is not set (or empty)",
+        "env.ST_PROXY_LISTEN: expected HOST:PORT, [IPV6]:PORT or :PORT with a port 0-65535, got 'nowhere'",
+        "env.ST_TENANT_ID: a tenant id must be digits",
+    ]
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
