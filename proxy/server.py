@@ -1,0 +1,140 @@
+"""Running the proxy's two servers: start-up, signals, and the graceful drain (design.md section 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .config import Address, Config
+
+EXIT_OK, EXIT_FAILURE = 0, 1
+log = logging.getLogger("st_proxy.server")
+
+
+class Stop(asyncio.Event):
+    """Set by the first SIGTERM or SIGINT; ``signal`` says which one (SIGINT skips the drain delay)."""
+
+    signal: signal.Signals | None = None
+
+
+def run_until_signalled(body: Callable[[Stop], object]) -> int:
+    """Run ``body(stop)`` until it returns; the first SIGTERM/SIGINT sets ``stop``, a second one exits at once (1)."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        stop = Stop()
+
+        def on_signal(signum: int) -> None:
+            name = signal.Signals(signum).name
+            if stop.is_set():  # the second signal: the operator wants out now, in-flight requests or not
+                log.warning("received %s again, exiting now", name, extra={"event": "exit_now", "signal": name})
+                for handler in logging.getLogger("st_proxy").handlers:
+                    handler.flush()
+                os._exit(EXIT_FAILURE)
+            log.info("received %s, stopping", name, extra={"event": "signal", "signal": name})
+            stop.signal = signal.Signals(signum)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        return await body(stop)  # type: ignore[misc]
+
+    return asyncio.run(runner())
+
+
+async def start_site(app: web.Application, address: Address, *,
+                     shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, Address]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return runner, Address(host, port)
+
+
+ADMIN_SHUTDOWN_SECONDS = 1.0  # admin answers are small; a stuck scrape must not hold the exit
+
+
+async def serve(config: Config, stop: asyncio.Event, on_ready: Callable[[Address, Address], None] | None = None, *,
+                load: Callable[[], Config] | None = None, poll_seconds: float = 1.0) -> int:
+    """Run the proxy until ``stop``, then drain (design.md section 3). ``load`` re-reads the config for reloads.
+
+    Shutdown, on SIGTERM: /readyz answers 503 at once so load balancers and Kubernetes endpoints stop sending new
+    work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).
+    Then the listener closes (new connections are refused) and aiohttp's ``AppRunner.cleanup`` closes idle
+    keep-alive connections and waits up to ``shutdown.timeout_seconds`` for every in-flight request, streams
+    included, before cancelling what is left (aiohttp 3.14 ``web_runner.BaseRunner.cleanup`` ->
+    ``web_protocol.RequestHandler.shutdown``). The admin port stays up to the end, so probes see the 503.
+    SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
+    """
+    from .app import RUNTIME, create_admin_app, create_app
+    from .reload import Reloader
+
+    app = create_app(config)
+    runtime = app[RUNTIME]
+
+    async def close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+        # During the drain a kept-alive caller would keep reusing its connection to this instance; `Connection:
+        # close` makes it reconnect, through the load balancer, to one that is not stopping.
+        if runtime.draining:
+            response.force_close()
+            # aiohttp 3.14 builds the headers before this hook runs, so the header is set here too.
+            response.headers["Connection"] = "close"
+
+    app.on_response_prepare.append(close_while_draining)
+    shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
+    data_runner, data_addr = await start_site(app, config.listen, shutdown_timeout=shutdown.timeout_seconds)
+    try:
+        admin_runner, admin_addr = await start_site(create_admin_app(runtime), config.admin_listen,
+                                                    shutdown_timeout=ADMIN_SHUTDOWN_SECONDS)
+    except OSError:
+        await data_runner.cleanup()
+        raise
+    reloader = Reloader(runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load,
+                        poll_seconds=poll_seconds)
+    reloader.start()
+    log.info("listening on %s (admin %s) for %d tenants", data_addr, admin_addr, len(config.tenants),
+             extra={"event": "start", "listen": str(data_addr), "admin_listen": str(admin_addr),
+                    "tenants": len(config.tenants), "watching": [str(p) for p in reloader.watched]})
+    if on_ready:
+        on_ready(data_addr, admin_addr)
+    announce = asyncio.create_task(_log_when_ready(runtime))
+    try:
+        await stop.wait()
+        announce.cancel()
+        runtime.draining = True
+        drain = 0.0 if getattr(stop, "signal", None) == signal.SIGINT else shutdown.drain_seconds
+        log.info("draining: /readyz answers 503; still accepting connections for %ss", drain,
+                 extra={"event": "draining", "drain_seconds": drain})
+        await asyncio.sleep(drain)
+        for site in list(data_runner.sites):
+            await site.stop()  # closes the listening socket: new connections are refused from here on
+        in_flight = len(data_runner.server.connections) if data_runner.server else 0
+        log.info("listener closed; waiting up to %ss for %d open connections", shutdown.timeout_seconds, in_flight,
+                 extra={"event": "listener_closed", "open_connections": in_flight,
+                        "timeout_seconds": shutdown.timeout_seconds})
+    finally:
+        announce.cancel()
+        runtime.draining = True
+        await reloader.close()
+        await data_runner.cleanup()  # waits up to shutdown.timeout_seconds for in-flight requests
+        await admin_runner.cleanup()
+        log.info("stopped", extra={"event": "stopped"})
+    return EXIT_OK
+
+
+async def _log_when_ready(runtime) -> None:
+    """The `ready` lifecycle event, once /readyz would first answer 200. It polls the predicate /readyz uses
+    rather than reach into the token manager; 50 ms is well below any load balancer's probe period."""
+    while not runtime.ready():
+        await asyncio.sleep(0.05)
+    log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})
