@@ -2,7 +2,7 @@
 
 Client-credentials tokens (RFC 6749 section 4.4) carrying `client_id` and `tenant` claims; an API that wants
 `ST-App-Key` plus `Authorization` and answers paged lists and RFC 7807-style errors with a `traceId`; special resources
-(`echo`, `download`, `redirect`, `setcookie`) for proxy tests; a control API under `/_sim/`. All state lives on a
+(`echo`, `download`, `redirect`, `setcookie`; their answers live in `simulator_api.py`) for proxy tests; a control API under `/_sim/`. All state lives on a
 `Simulator`: tests change its attributes (`token_ttl`, `token_delay`, `api_delay`) or call its controls at any time.
 """
 
@@ -26,22 +26,10 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .simulator_api import DOWNLOAD_PATTERN, FAKE_REDIRECT, answer, is_digits, problem  # noqa: F401 (re-exported)
+
 DEMO_APP_KEY = "ak1.demo-app-key"
 DEMO_SCOPE = "tn.crm.customers:r tn.crm.locations:r tn.jpm.jobs:r tn.jpm.jobs:w tn.telecom.calls:r"
-ITEMS_PER_RESOURCE = 120  # every collection holds this many fake items
-MAX_PAGE_SIZE = 500  # ServiceTitan's documented maximum
-DEFAULT_PAGE_SIZE = 50
-MISSING_ID_ABOVE = 1_000_000  # GET .../{resource}/{id} answers 404 for larger ids
-DOWNLOAD_PATTERN = b"0123456789abcdef"
-FAKE_REDIRECT = "https://files.example.invalid/attachments/42?sig=simulated"
-
-# ServiceTitan's error bodies point `type` at the RFC section of their status.
-_PROBLEM_TYPES = {400: "rfc7231#section-6.5.1", 401: "rfc7235#section-3.1", 403: "rfc7231#section-6.5.3",
-                  404: "rfc7231#section-6.5.4", 405: "rfc7231#section-6.5.5"}
-
-
-def _is_digits(s: str) -> bool:
-    return s.isascii() and s.isdigit()  # str.isdigit alone accepts "²"
 
 
 @dataclass(frozen=True)
@@ -51,7 +39,7 @@ class SimTenant:
     client_secret: str = field(repr=False)
 
     def __post_init__(self) -> None:
-        if not _is_digits(self.tenant_id):
+        if not is_digits(self.tenant_id):
             raise ValueError("tenant id must be digits")
 
 
@@ -69,10 +57,10 @@ def parse_tenant_spec(s: str) -> SimTenant:
     if len(parts) != 3:
         raise ValueError("tenant spec must be ID:CLIENT_ID:SECRET: expected three parts separated by ':'")
     tenant_id, client_id, secret = parts
-    for problem, failed in (("the tenant id must be digits", not _is_digits(tenant_id)),
+    for message, failed in (("the tenant id must be digits", not is_digits(tenant_id)),
                             ("the client id is empty", not client_id), ("the client secret is empty", not secret)):
         if failed:
-            raise ValueError(f"tenant spec must be ID:CLIENT_ID:SECRET: {problem}")
+            raise ValueError(f"tenant spec must be ID:CLIENT_ID:SECRET: {message}")
     return SimTenant(tenant_id, client_id, secret)
 
 
@@ -120,12 +108,6 @@ def _oauth_error(error: str, description: str | None = None) -> web.Response:
     return web.json_response(body, status=400, headers={"Cache-Control": "no-store"})
 
 
-def _problem(status: int, title: str, headers: dict | None = None, errors: dict | None = None) -> web.Response:
-    body = {"type": f"https://tools.ietf.org/html/{_PROBLEM_TYPES[status]}", "title": title, "status": status,
-            "traceId": secrets.token_hex(16), "errors": errors or {}, "data": {}}
-    return web.json_response(body, status=status, headers=headers)
-
-
 def _failure_response(f: _TokenFailure) -> web.Response:
     headers = CIMultiDict(f.headers or {})
     if isinstance(f.body, (dict, list)):
@@ -137,14 +119,6 @@ def _failure_response(f: _TokenFailure) -> web.Response:
     else:
         payload = b""
     return web.Response(status=f.status, body=payload, headers=headers)
-
-
-def _int_param(request: web.Request, name: str, default: int) -> int | None:
-    """The query parameter as a non-negative int, the default when absent, None when malformed."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    return int(raw) if _is_digits(raw) else None
 
 
 class Simulator:
@@ -284,7 +258,7 @@ class Simulator:
     async def _api(self, request: web.Request) -> web.StreamResponse:
         self.api_requests += 1
         if request.headers.get("ST-App-Key") not in self.app_keys:
-            return _problem(401, "Application key not present or invalid.")
+            return problem(401, "Application key not present or invalid.")
         authorization = request.headers.get("Authorization", "")
         token = authorization[7:] if authorization[:7].lower() == "bearer " else authorization
         issued = self._issued.get(token.strip())
@@ -293,23 +267,12 @@ class Simulator:
             challenge = 'Bearer error="invalid_token"' if authorization else "Bearer"
             if issued is not None and not issued.revoked:
                 challenge += ', error_description="The token expired"'
-            return _problem(401, "Unauthorized", {"WWW-Authenticate": challenge})
+            return problem(401, "Unauthorized", {"WWW-Authenticate": challenge})
         if issued.tenant_id != request.match_info["tenant_id"]:
-            return _problem(403, "Forbidden")
+            return problem(403, "Forbidden")
         await asyncio.sleep(self.api_delay)
 
-        segments = [s for s in request.match_info["rest"].split("/") if s]
-        special = segments[0] if segments else ""
-        if special == "echo":
-            return await _echo(request)
-        if special == "download":
-            return await _download(request)
-        if special == "redirect":
-            return web.Response(status=302, headers={"Location": FAKE_REDIRECT})
-        if special == "setcookie":
-            return web.json_response({"ok": True}, headers={
-                "Set-Cookie": "st_sim_session=simulated; Path=/; HttpOnly"})
-        return await _resource(request, segments)
+        return await answer(request)
 
     # ---- control API (for `st-proxy simulate` users) --------------------------------------------------------
     async def _sim_stats(self, request: web.Request) -> web.Response:
@@ -334,7 +297,7 @@ class Simulator:
             if times is not None:
                 times = int(times)
         except (ValueError, KeyError, TypeError):
-            return _problem(400, 'expected JSON {"status": int, "body": ..., "times": int|null, "headers": {}}')
+            return problem(400, 'expected JSON {"status": int, "body": ..., "times": int|null, "headers": {}}')
         self.fail_tokens(status, spec.get("body"), times=times, headers=spec.get("headers"))
         return web.json_response({"ok": True})
 
@@ -355,74 +318,3 @@ def _client_credentials(request: web.Request, form: dict[str, str]) -> tuple[str
     return unquote_plus(raw_id), unquote_plus(raw_secret), None
 
 
-async def _echo(request: web.Request) -> web.Response:
-    digest, length = hashlib.sha256(), 0
-    async for chunk in request.content.iter_chunked(65536):  # streamed: 50 MB bodies are fine
-        digest.update(chunk)
-        length += len(chunk)
-    headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]  # as sent, duplicates kept
-    return web.json_response({"method": request.method, "path": request.raw_path, "headers": headers,
-                              "body_sha256": digest.hexdigest(), "body_length": length})
-
-
-async def _download(request: web.Request) -> web.StreamResponse:
-    size = _int_param(request, "bytes", 1024)
-    chunk = _int_param(request, "chunk", 65536)
-    try:
-        delay = float(request.query.get("delay", "0"))
-    except ValueError:
-        delay = -1
-    if size is None or not chunk or not delay >= 0:
-        return _problem(400, "bytes must be a non-negative integer, chunk a positive one, delay seconds")
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-    await response.prepare(request)
-    if request.method == "HEAD":  # aiohttp's StreamResponse would send the bytes even for HEAD (RFC 9110 9.3.2)
-        await response.write_eof()
-        return response
-    block = DOWNLOAD_PATTERN * (chunk // len(DOWNLOAD_PATTERN) + 2)
-    sent = 0
-    while sent < size:
-        n = min(chunk, size - sent)
-        start = sent % len(DOWNLOAD_PATTERN)  # byte i of the stream is DOWNLOAD_PATTERN[i % 16]
-        await response.write(block[start:start + n])
-        sent += n
-        if delay > 0 and sent < size:
-            await asyncio.sleep(delay)
-    await response.write_eof()
-    return response
-
-
-async def _resource(request: web.Request, segments: list[str]) -> web.StreamResponse:
-    method = request.method
-    if method in ("POST", "PUT", "PATCH"):
-        raw = await request.read()
-        try:
-            received = json.loads(raw) if raw.strip() else None
-        except ValueError:
-            return _problem(400, "One or more validation errors occurred.", errors={"body": ["invalid JSON"]})
-        return web.json_response({"received": received, "method": method}, status=201 if method == "POST" else 200)
-    if method == "DELETE":
-        return web.Response(status=204)
-    if method not in ("GET", "HEAD"):
-        return _problem(405, "Method Not Allowed")
-    if segments and _is_digits(segments[-1]):
-        item_id = int(segments[-1])
-        if item_id > MISSING_ID_ABOVE or len(segments) < 2:
-            return _problem(404, "Not Found")
-        return web.json_response({"id": item_id, "name": f"{segments[-2]} {item_id}"})
-    page = _int_param(request, "page", 1)
-    page_size = _int_param(request, "pageSize", DEFAULT_PAGE_SIZE)
-    errors = {}
-    if not page:
-        errors["page"] = ["must be an integer of at least 1"]
-    if not page_size or page_size > MAX_PAGE_SIZE:
-        errors["pageSize"] = [f"must be an integer between 1 and {MAX_PAGE_SIZE}"]
-    if errors:
-        return _problem(400, "One or more validation errors occurred.", errors=errors)
-    resource = segments[-1] if segments else "items"
-    first = (page - 1) * page_size + 1
-    last = min(page * page_size, ITEMS_PER_RESOURCE)
-    include_total = request.query.get("includeTotal", "").lower() == "true"
-    return web.json_response({"page": page, "pageSize": page_size, "hasMore": last < ITEMS_PER_RESOURCE,
-                              "totalCount": ITEMS_PER_RESOURCE if include_total else None,
-                              "data": [{"id": i, "name": f"{resource} {i}"} for i in range(first, last + 1)]})
