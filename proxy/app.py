@@ -7,7 +7,6 @@ Every dependency a test may replace is a keyword argument with a production defa
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import ssl
@@ -27,8 +26,6 @@ from .reload import ConfigHolder
 from .runtime import RUNTIME, Runtime
 from .token_client import TokenClient
 from .tokens import TokenManager
-
-log = logging.getLogger("st_proxy.app")
 
 __all__ = ["create_app", "create_admin_app", "RUNTIME"]
 
@@ -82,8 +79,7 @@ def create_app(
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
-            for tenant in current.tenants.values():
-                runtime.tokens.entry(tenant).attempted.set()
+            runtime.tokens.skip_prewarm(current.tenants.values())
         yield
         if warm is not None:
             warm.cancel()
@@ -115,7 +111,6 @@ def _require(value):
 
 
 def _expiries(runtime: Runtime):
-    manager = runtime.tokens
+    manager = runtime.tokens  # read, never create, cache entries: a scrape must not change state
     for tenant in runtime.holder.current.tenants.values():
-        token = manager.entry(tenant).token if manager else None
-        yield tenant.tenant_id, token.expires_at if token else None
+        yield tenant.tenant_id, manager.status(tenant).expires_at if manager else None

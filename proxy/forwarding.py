@@ -230,9 +230,7 @@ class Forwarder:
                 error_body += chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             upstream.release()
-            kind, failure = _upstream_failure(exc, tenant.tenant_id)
-            self._metrics.upstream_error(tenant.tenant_id, kind)
-            raise failure from None
+            raise self._upstream_failed(exc, tenant)[1] from None
         if upstream.content.at_eof():
             upstream.release()  # free the pool slot before waiting on a token: other tenants must not queue behind
         try:
@@ -289,12 +287,17 @@ class Forwarder:
             caller_side = _body_failure(body, tenant.tenant_id)
             if caller_side is not None:
                 raise caller_side from None
-            kind, error = _upstream_failure(exc, tenant.tenant_id)
-            self._metrics.upstream_error(tenant.tenant_id, kind)
+            kind, error = self._upstream_failed(exc, tenant)
             log.debug("upstream failure for tenant %s: %s", tenant.tenant_id, type(exc).__name__)
             raise error from None
         ex.upstream_ms = round((time.perf_counter() - sent) * 1000, 2)
         return upstream
+
+    def _upstream_failed(self, exc: BaseException, tenant: Tenant) -> tuple[str, UpstreamError]:
+        """Count a failed exchange with ServiceTitan; (metric kind, the error to answer with)."""
+        kind, error = _upstream_failure(exc, tenant.tenant_id)
+        self._metrics.upstream_error(tenant.tenant_id, kind)
+        return kind, error
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, tenant: Tenant, request_id: str, ex: _Exchange,
@@ -323,8 +326,7 @@ class Forwarder:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             # The status line is already on its way: all that is left is to cut the connection so the caller sees a
             # truncated answer instead of a complete-looking one.
-            kind, _ = _upstream_failure(exc, tenant.tenant_id)
-            self._metrics.upstream_error(tenant.tenant_id, kind)
+            kind, _ = self._upstream_failed(exc, tenant)
             log.warning("upstream answer for tenant %s broke off after %d bytes (%s)", tenant.tenant_id, ex.bytes,
                         type(exc).__name__, extra={"request_id": request_id})
             ex.error = f"upstream_{kind}_midstream"

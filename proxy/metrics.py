@@ -133,22 +133,22 @@ class Metrics:
         for tenant in removed:
             self._remove(tenant)
         for tenant in sorted(added):  # sorted: the exposition lists tenants in a stable order
-            self.request_duration.labels(tenant)
-            self.token_fetch_duration.labels(tenant)
-            self.token_replays.labels(tenant)
-            for kind in UPSTREAM_ERROR_KINDS:
-                self.upstream_errors.labels(tenant, kind)
-            for outcome in TOKEN_OUTCOMES:
-                self.token_fetches.labels(tenant, outcome)
+            for metric, labels in self._fixed_series(tenant):
+                metric.labels(*labels)
+
+    def _fixed_series(self, tenant: str):
+        """Every per-tenant series with fixed label values (design.md: they exist from start, at zero)."""
+        yield self.request_duration, (tenant,)
+        yield self.token_fetch_duration, (tenant,)
+        yield self.token_replays, (tenant,)
+        for kind in UPSTREAM_ERROR_KINDS:
+            yield self.upstream_errors, (tenant, kind)
+        for outcome in TOKEN_OUTCOMES:
+            yield self.token_fetches, (tenant, outcome)
 
     def _remove(self, tenant: str) -> None:
-        self.request_duration.remove(tenant)
-        self.token_fetch_duration.remove(tenant)
-        self.token_replays.remove(tenant)
-        for kind in UPSTREAM_ERROR_KINDS:
-            self.upstream_errors.remove(tenant, kind)
-        for outcome in TOKEN_OUTCOMES:
-            self.token_fetches.remove(tenant, outcome)
+        for metric, labels in self._fixed_series(tenant):
+            metric.remove(*labels)
         for key in [k for k in self._request_series if k[0] == tenant]:
             self.requests.remove(*key)
             self._request_series.discard(key)

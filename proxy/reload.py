@@ -39,11 +39,9 @@ DEFAULT_POLL_SECONDS = 1.0
 class ConfigHolder:
     def __init__(self, config: Config) -> None:
         self.current = config
-        self.generation = 0
 
     def swap(self, config: Config) -> Config:
         old, self.current = self.current, config
-        self.generation += 1
         return old
 
 
@@ -191,7 +189,7 @@ class Reloader:
         return paths
 
     def _failed(self, trigger: str, problems: list[str]) -> bool:
-        self._metrics.config_reloads.labels("failure").inc()
+        self._metrics.config_reloaded(ok=False)
         # ConfigError problems name paths and sources, never a value (config.py), so the line is safe to log.
         log.error("config reload (%s) failed, keeping the previous config: %s", trigger, "; ".join(problems),
                   extra={"event": "config_reload_failed", "trigger": trigger, "problems": problems})
@@ -213,7 +211,7 @@ class Reloader:
         self._metrics.set_tenants(new.tenants)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
-        self._metrics.config_reloads.labels("success").inc()
+        self._metrics.config_reloaded(ok=True)
 
         added = sorted(set(new.tenants) - set(old.tenants), key=int)
         removed = sorted(set(old.tenants) - set(new.tenants), key=int)
