@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from . import log as logsetup
-from .config import Address, Config, ConfigError, from_environment, from_mapping, load_file, parse_address, summary
+from .config import Address, Config, ConfigError, from_environment, from_mapping, load_file, parse_address
 from .server import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
 
 EXIT_CONFIG = 2
@@ -113,6 +113,26 @@ def check_config(path: str | None, environ: Mapping[str, str]) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     print("config ok")
     return EXIT_OK
+
+
+def summary(config: Config) -> list[str]:
+    """The redacted description printed by ``check-config``: ids, environments and secret sources, never a value."""
+    routing = config.routing
+    header = f"the {routing.tenant_header} header, then " if routing.tenant_header else ""
+    lines = [
+        f"config: {config.source or 'environment variables (no-file mode)'}",
+        f"listen: {config.listen}  admin_listen: {config.admin_listen}",
+        f"routing: {header}the /tenant/{{id}}/ path, then default_tenant {routing.default_tenant or '(none)'}",
+        f"app_key: from {config.app_key_ref.describe()}",
+        f"tenants: {len(config.tenants)}",
+    ]
+    for tenant in sorted(config.tenants.values(), key=lambda t: int(t.tenant_id)):
+        env = tenant.environment
+        lines.append(
+            f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
+            f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
+        )
+    return lines
 
 
 async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.Event) -> int:

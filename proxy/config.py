@@ -30,7 +30,7 @@ from .config_parse import (
 from .secret_source import Secret, SecretError, SecretRef, parse_ref, resolve
 
 __all__ = ["Address", "Config", "ConfigError", "Environment", "Tenant", "from_environment", "from_mapping",
-           "load_file", "parse_address", "summary"]
+           "load_file", "parse_address"]
 
 BUILTIN_ENVIRONMENTS = {
     "integration": {
@@ -430,22 +430,3 @@ def from_environment(environ: Mapping[str, str]) -> Config:
     except ConfigError as exc:
         raise ConfigError([config_env.rename(problem, env_name) for problem in exc.problems]) from None
 
-
-def summary(config: Config) -> list[str]:
-    """The redacted description printed by ``check-config``: ids, environments and secret sources, never a value."""
-    routing = config.routing
-    header = f"the {routing.tenant_header} header, then " if routing.tenant_header else ""
-    lines = [
-        f"config: {config.source or 'environment variables (no-file mode)'}",
-        f"listen: {config.listen}  admin_listen: {config.admin_listen}",
-        f"routing: {header}the /tenant/{{id}}/ path, then default_tenant {routing.default_tenant or '(none)'}",
-        f"app_key: from {config.app_key_ref.describe()}",
-        f"tenants: {len(config.tenants)}",
-    ]
-    for tenant in sorted(config.tenants.values(), key=lambda t: int(t.tenant_id)):
-        env = tenant.environment
-        lines.append(
-            f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
-            f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
-        )
-    return lines

@@ -14,13 +14,13 @@ import re
 from collections.abc import Mapping
 
 from .config import RoutingConfig
+from .config_parse import TENANT_ID
 from .errors import RequestError, TenantMismatch, TenantRequired
 
 # ServiceTitan URLs are {base}/{module}/v{n}/tenant/{tenant id}/... (servicetitan.md, "Calling the API"). re.ASCII:
 # \d would also match other scripts' digits ("٤٢"), which are no tenant id; \Z, not $, which also matches before a
 # trailing newline.
 TENANT_IN_PATH = re.compile(r"/[^/]+/v\d+/tenant/(\d+)(?:/|\Z)", re.ASCII)
-DIGITS = re.compile(r"[0-9]{1,20}\Z")  # a tenant id: ServiceTitan's are 64-bit integers
 
 
 def tenant_from_path(path: str) -> str | None:
@@ -42,7 +42,7 @@ def tenant_from_header(headers: Mapping[str, str], name: str | None) -> str | No
     if len(ids) > 1:
         raise RequestError(f"the {name} header appears more than once with different values")
     (tenant,) = ids
-    if not DIGITS.match(tenant):
+    if not TENANT_ID.fullmatch(tenant):  # the same rule as for ids in the config
         raise RequestError(f"the {name} header must be a tenant id (digits)")
     return tenant
 
