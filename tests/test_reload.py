@@ -104,15 +104,21 @@ def log_records(text: str, event: str) -> list[dict]:
     return [r for r in map(json.loads, text.splitlines()) if r.get("event") == event]
 
 
-@pytest.fixture
-async def plain(tmp_path, simulator, start_proxy):
-    """A proxy whose config and secrets are plain files in tmp_path, with a Reloader on it."""
+def write_plain_files(tmp_path: Path, simulator) -> tuple[Path, Path]:
+    """config.yaml serving T1 and T2, and a secrets directory holding T1's, T2's and T3's secret files."""
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     for name, text in secret_files(T1, T2, T3).items():
         (secrets / name).write_text(text)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config_doc(simulator, [T1, T2], secrets)))
+    return path, secrets
+
+
+@pytest.fixture
+async def plain(tmp_path, simulator, start_proxy):
+    """A proxy whose config and secrets are plain files in tmp_path, with a Reloader on it."""
+    path, secrets = write_plain_files(tmp_path, simulator)
     proxy = await start_proxy(load_file(path, {}))
     reloader = Reloader(proxy.runtime.holder, proxy.runtime.metrics, tokens=lambda: proxy.runtime.tokens,
                         load=lambda: load_file(path, {}), poll_seconds=0)
@@ -314,12 +320,7 @@ async def test_no_file_mode_has_nothing_to_re_read_and_says_so(simulator, start_
 # -- a real `st-proxy serve` process -----------------------------------------------------------------------------
 @pytest.fixture
 async def child(tmp_path, simulator) -> AsyncIterator:
-    secrets = tmp_path / "secrets"
-    secrets.mkdir()
-    for name, text in secret_files(T1, T2, T3).items():
-        (secrets / name).write_text(text)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config_doc(simulator, [T1, T2], secrets)))
+    path, secrets = write_plain_files(tmp_path, simulator)
     proc = await ServeProcess.start(path)
     yield proc, path, secrets
     await proc.close()
