@@ -66,6 +66,7 @@ async def drive(proxy_url: str, seconds: float, max_requests: int, concurrency: 
     tenant_ids = list(TENANTS)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
         async def worker(n: int) -> None:
             nonlocal sent
             while time.monotonic() < deadline and sent < max_requests:
@@ -102,12 +103,14 @@ async def main() -> int:
         "admin_listen": f"127.0.0.1:{admin_port}",
         "app_key": {"value": APP_KEY},
         "environments": {"sim": {"auth_url": f"{sim_url}/connect/token", "api_url": sim_url}},
-        "tenants": {tid: {"environment": "sim", "client_id": cid, "client_secret": {"value": secret}}
-                    for tid, (cid, secret) in TENANTS.items()},
+        "tenants": {
+            tid: {"environment": "sim", "client_id": cid, "client_secret": {"value": secret}}
+            for tid, (cid, secret) in TENANTS.items()
+        },
     }
     config_path = workdir / "config.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
-    st_proxy = [sys.executable, "-m", "proxy"]
+    st_proxy = [sys.executable, "-m", "st_proxy"]
     sim_cmd = [*st_proxy, "simulate", "--listen", f"127.0.0.1:{sim_port}", "--token-ttl", str(args.token_ttl)]
     for tid, (cid, secret) in TENANTS.items():
         sim_cmd += ["--tenant", f"{tid}:{cid}:{secret}"]
@@ -121,13 +124,15 @@ async def main() -> int:
             # backing off (and answering token_unavailable), which is not what this soak measures.
             await wait_until_up(session, f"{sim_url}/_sim/stats")
             with open(log_path, "w") as log_file:
-                proxy = subprocess.Popen([*st_proxy, "serve", "--config", str(config_path), "--log-level", "info"],
-                                         stdout=log_file, env=env)
+                proxy = subprocess.Popen(
+                    [*st_proxy, "serve", "--config", str(config_path), "--log-level", "info"], stdout=log_file, env=env
+                )
             await wait_until_up(session, f"http://127.0.0.1:{admin_port}/readyz")
             async with session.get(f"{sim_url}/_sim/stats") as resp:
                 prewarm_tokens = (await resp.json())["token_requests_by_client"]
         sent, statuses, errors, latencies, elapsed = await drive(
-            f"http://127.0.0.1:{data_port}", args.seconds, args.max_requests, args.concurrency)
+            f"http://127.0.0.1:{data_port}", args.seconds, args.max_requests, args.concurrency
+        )
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{sim_url}/_sim/stats") as resp:
                 stats = await resp.json()
@@ -155,19 +160,26 @@ async def main() -> int:
             token_events[event] += 1
 
     print(f"command: {' '.join(sys.argv)}")
-    print(f"simulator token lifetime: {args.token_ttl:g} s; load: {args.concurrency} concurrent callers over "
-          f"{len(TENANTS)} tenants for {elapsed:.1f} s (bounds: {args.seconds:g} s, {args.max_requests} requests)")
+    print(
+        f"simulator token lifetime: {args.token_ttl:g} s; load: {args.concurrency} concurrent callers over "
+        f"{len(TENANTS)} tenants for {elapsed:.1f} s (bounds: {args.seconds:g} s, {args.max_requests} requests)"
+    )
     print(f"requests sent: {sent}  ({sent / elapsed:.0f}/s)")
     print(f"non-200 answers seen by the client: {non_200}  statuses={dict(statuses)} errors={dict(errors)}")
     by_client = stats["token_requests_by_client"]
     for tid, (cid, _) in TENANTS.items():
         during = by_client.get(cid, 0) - prewarm_tokens.get(cid, 0)
-        print(f"token requests, tenant {tid}: {by_client.get(cid, 0)} in total ({prewarm_tokens.get(cid, 0)} at "
-              f"prewarm, {during} during the load = {during / lifetimes:.2f} per {args.token_ttl:g} s lifetime)")
+        print(
+            f"token requests, tenant {tid}: {by_client.get(cid, 0)} in total ({prewarm_tokens.get(cid, 0)} at "
+            f"prewarm, {during} during the load = {during / lifetimes:.2f} per {args.token_ttl:g} s lifetime)"
+        )
     print(f"token requests in total: {stats['token_requests']}; API requests at the simulator: {stats['api_requests']}")
     print(f"token_* log lines from the proxy: {dict(token_events) or 0}")
-    print("latency ms: " + "  ".join(f"p{p}={percentile(latencies, p) * 1000:.2f}" for p in (50, 90, 99, 99.9))
-          + f"  max={latencies[-1] * 1000:.2f}")
+    print(
+        "latency ms: "
+        + "  ".join(f"p{p}={percentile(latencies, p) * 1000:.2f}" for p in (50, 90, 99, 99.9))
+        + f"  max={latencies[-1] * 1000:.2f}"
+    )
     print("replays per tenant: " + ", ".join(f"{t['id']}={t['replays']}" for t in tenants))
     return 0 if non_200 == 0 else 1
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.simulator import DEMO_APP_KEY, DEMO_TENANTS, DOWNLOAD_PATTERN
+from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, DOWNLOAD_PATTERN
 
 MiB = 2**20
 TENANT = DEMO_TENANTS[0].tenant_id
@@ -32,7 +32,7 @@ TENANT = DEMO_TENANTS[0].tenant_id
 
 def st_proxy() -> list[str]:
     script = Path(sys.executable).with_name("st-proxy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "st_proxy"]
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -68,14 +68,21 @@ async def start_proxy(sim_url: str, config_dir: str) -> tuple[asyncio.subprocess
         "admin_listen": "127.0.0.1:0",
         "app_key": {"value": DEMO_APP_KEY},
         "environments": {"sim": {"auth_url": f"{sim_url}/connect/token", "api_url": sim_url}},
-        "tenants": {t.tenant_id: {"environment": "sim", "client_id": t.client_id,
-                                  "client_secret": {"value": t.client_secret}} for t in DEMO_TENANTS},
+        "tenants": {
+            t.tenant_id: {"environment": "sim", "client_id": t.client_id, "client_secret": {"value": t.client_secret}}
+            for t in DEMO_TENANTS
+        },
     }
     path = Path(config_dir, "bench.yaml")
     path.write_text(json.dumps(config))  # JSON is YAML
     env = {k: v for k, v in os.environ.items() if not k.startswith("ST_")}
     proc = await asyncio.create_subprocess_exec(
-        *st_proxy(), "serve", "--config", str(path), stdout=asyncio.subprocess.PIPE, env=env,
+        *st_proxy(),
+        "serve",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
     )
     line = await read_until(proc.stdout, lambda s: '"event": "start"' in s, "its start line")
     asyncio.get_running_loop().create_task(_drain(proc.stdout))  # access log lines: keep the pipe from filling
@@ -100,8 +107,9 @@ async def upload(session: aiohttp.ClientSession, url: str, size: int) -> float:
             yield chunk
 
     started = time.perf_counter()
-    async with session.post(f"{url}/crm/v2/tenant/{TENANT}/echo", data=body(),
-                            headers={"Content-Length": str(size)}) as resp:
+    async with session.post(
+        f"{url}/crm/v2/tenant/{TENANT}/echo", data=body(), headers={"Content-Length": str(size)}
+    ) as resp:
         answer = await resp.json()
     seconds = time.perf_counter() - started
     assert resp.status == 200, answer

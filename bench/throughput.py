@@ -26,7 +26,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from proxy.simulator import DEMO_APP_KEY, DEMO_TENANTS
+from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
 
 BIN = Path(sys.executable).with_name("st-proxy")
 
@@ -77,30 +77,57 @@ def main() -> None:
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
-        config.write_text(json.dumps({
-            "listen": f"127.0.0.1:{data_port}",
-            "admin_listen": f"127.0.0.1:{admin_port}",
-            "app_key": {"value": DEMO_APP_KEY},
-            "environments": {"sim": {"auth_url": f"http://127.0.0.1:{sim_port}/connect/token",
-                                     "api_url": f"http://127.0.0.1:{sim_port}"}},
-            "tenants": {t.tenant_id: {"environment": "sim", "client_id": t.client_id,
-                                      "client_secret": {"value": t.client_secret}} for t in DEMO_TENANTS},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "listen": f"127.0.0.1:{data_port}",
+                    "admin_listen": f"127.0.0.1:{admin_port}",
+                    "app_key": {"value": DEMO_APP_KEY},
+                    "environments": {
+                        "sim": {
+                            "auth_url": f"http://127.0.0.1:{sim_port}/connect/token",
+                            "api_url": f"http://127.0.0.1:{sim_port}",
+                        }
+                    },
+                    "tenants": {
+                        t.tenant_id: {
+                            "environment": "sim",
+                            "client_id": t.client_id,
+                            "client_secret": {"value": t.client_secret},
+                        }
+                        for t in DEMO_TENANTS
+                    },
+                }
+            )
+        )
         try:
-            procs.append(subprocess.Popen([BIN, "simulate", "--listen", f"127.0.0.1:{sim_port}"],
-                                          stdout=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen([BIN, "simulate", "--listen", f"127.0.0.1:{sim_port}"], stdout=subprocess.DEVNULL)
+            )
             wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats", time.monotonic() + 15)
-            procs.append(subprocess.Popen([BIN, "serve", "--config", str(config), "--log-level", args.log_level],
-                                          stdout=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [BIN, "serve", "--config", str(config), "--log-level", args.log_level], stdout=subprocess.DEVNULL
+                )
+            )
             wait_http(f"http://127.0.0.1:{admin_port}/readyz", time.monotonic() + 15)
 
             path = f"/crm/v2/tenant/{tenant.tenant_id}/customers/42"
-            form = urllib.parse.urlencode({"grant_type": "client_credentials", "client_id": tenant.client_id,
-                                           "client_secret": tenant.client_secret}).encode()
+            form = urllib.parse.urlencode(
+                {
+                    "grant_type": "client_credentials",
+                    "client_id": tenant.client_id,
+                    "client_secret": tenant.client_secret,
+                }
+            ).encode()
             with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/connect/token", data=form) as resp:
                 token = json.load(resp)["access_token"]
-            direct = wrk(f"http://127.0.0.1:{sim_port}{path}", args.seconds, args.connections,
-                         {"Authorization": f"Bearer {token}", "ST-App-Key": DEMO_APP_KEY})
+            direct = wrk(
+                f"http://127.0.0.1:{sim_port}{path}",
+                args.seconds,
+                args.connections,
+                {"Authorization": f"Bearer {token}", "ST-App-Key": DEMO_APP_KEY},
+            )
             proxied = wrk(f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {})
             with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/_sim/stats") as resp:
                 stats = json.load(resp)
@@ -108,8 +135,10 @@ def main() -> None:
             for proc in reversed(procs):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
-    print(f"wrk -t2 -c{args.connections} -d{args.seconds}s, GET {path}, proxy log level {args.log_level}, "
-          f"{os.cpu_count()} cores shared by wrk, proxy and simulator")
+    print(
+        f"wrk -t2 -c{args.connections} -d{args.seconds}s, GET {path}, proxy log level {args.log_level}, "
+        f"{os.cpu_count()} cores shared by wrk, proxy and simulator"
+    )
     print(f"{'':10} {'req/s':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'requests':>9} {'non-2xx':>8}")
     for name, r in (("direct", direct), ("proxied", proxied)):
         print(f"{name:10} {r['rps']:>9} {r['p50']:>9} {r['p90']:>9} {r['p99']:>9} {r['requests']:>9} {r['non_2xx']:>8}")

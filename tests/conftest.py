@@ -15,11 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from proxy import log as logsetup
-from proxy.app import create_admin_app, create_app
-from proxy.config import Config, from_mapping
-from proxy.runtime import RUNTIME, Runtime
-from proxy.simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator
+from st_proxy.config import Config, from_mapping
+from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator
+from st_proxy.ops import log as logsetup
+from st_proxy.server.app import create_admin_app, create_app
+from st_proxy.server.runtime import RUNTIME, Runtime
 
 T1, T2 = DEMO_TENANTS[0], DEMO_TENANTS[1]
 
@@ -62,8 +62,15 @@ async def simulator(make_simulator) -> Simulator:
     return await make_simulator()
 
 
-def sim_config(sim: Simulator | None = None, *, api_url: str | None = None, auth_url: str | None = None,
-               tenants=DEMO_TENANTS, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+def sim_config(
+    sim: Simulator | None = None,
+    *,
+    api_url: str | None = None,
+    auth_url: str | None = None,
+    tenants=DEMO_TENANTS,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
     """A config for the demo tenants against ``sim`` (or explicit URLs); ``overrides`` are top-level sections."""
     raw: dict[str, Any] = {
         "app_key": {"value": DEMO_APP_KEY},

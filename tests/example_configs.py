@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.config_parse import parse_yaml
+from st_proxy.config.values import parse_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 EXAMPLES = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))

@@ -27,12 +27,22 @@ class ServeProcess:
         self.url = self.admin_url = ""
 
     @classmethod
-    async def start(cls, config: Path, *, command: Sequence[str] | None = None, cwd: Path | None = None,
-                    env: dict[str, str] | None = None) -> ServeProcess:
-        argv = list(command) if command else [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+    async def start(
+        cls,
+        config: Path,
+        *,
+        command: Sequence[str] | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> ServeProcess:
+        argv = list(command) if command else [sys.executable, "-m", "st_proxy", "serve", "--config", str(config)]
         proc = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})},
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
         )
         child = cls(proc)
         start = await child.wait_event("start")
@@ -70,7 +80,7 @@ class ServeProcess:
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), max(0.0, end - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise AssertionError(f"no {name!r} log line within {deadline}s:\n{self.output()}") from None
         return found[count - 1]
 
@@ -102,8 +112,7 @@ async def poll_until(check, *, deadline: float = DEADLINE, interval: float = 0.0
         await asyncio.sleep(interval)
 
 
-def write_config(directory: Path, *, auth_url: str, api_url: str, tenants, app_key: str,
-                 **sections: object) -> Path:
+def write_config(directory: Path, *, auth_url: str, api_url: str, tenants, app_key: str, **sections: object) -> Path:
     """A config file for a child process: listens on loopback port 0, secrets in files beside it."""
     import yaml
 
@@ -113,10 +122,19 @@ def write_config(directory: Path, *, auth_url: str, api_url: str, tenants, app_k
     tenant_specs = {}
     for t in tenants:
         (secrets / f"{t.tenant_id}.client_secret").write_text(t.client_secret + "\n")
-        tenant_specs[t.tenant_id] = {"environment": "sim", "client_id": t.client_id,
-                                     "client_secret": {"file": str(secrets / f"{t.tenant_id}.client_secret")}}
-    raw = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "app_key": {"file": str(secrets / "app_key")},
-           "environments": {"sim": {"auth_url": auth_url, "api_url": api_url}}, "tenants": tenant_specs, **sections}
+        tenant_specs[t.tenant_id] = {
+            "environment": "sim",
+            "client_id": t.client_id,
+            "client_secret": {"file": str(secrets / f"{t.tenant_id}.client_secret")},
+        }
+    raw = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "app_key": {"file": str(secrets / "app_key")},
+        "environments": {"sim": {"auth_url": auth_url, "api_url": api_url}},
+        "tenants": tenant_specs,
+        **sections,
+    }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
-
 from conftest import T1, sim_config
 
 ISSUED = "tok.from-a-gzipping-endpoint"
@@ -31,8 +30,9 @@ async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_
     api_app = web.Application()
     api_app.router.add_route("*", "/{tail:.*}", api)
     auth_server, api_server = await aiohttp_server(auth), await aiohttp_server(api_app)
-    config = sim_config(None, auth_url=str(auth_server.make_url("/connect/token")),
-                        api_url=str(api_server.make_url("")).rstrip("/"))
+    config = sim_config(
+        None, auth_url=str(auth_server.make_url("/connect/token")), api_url=str(api_server.make_url("")).rstrip("/")
+    )
     proxy = await start_proxy(config, prewarm=False)
     async with proxy.session.get(f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers") as resp:
         assert resp.status == 200, await resp.text()
@@ -54,8 +54,11 @@ async def test_a_request_queued_behind_a_full_connection_pool_gets_a_timeout_not
     api_app = web.Application()
     api_app.router.add_route("*", "/{tail:.*}", slow)
     api_server = await aiohttp_server(api_app)
-    config = sim_config(simulator, api_url=str(api_server.make_url("")).rstrip("/"),
-                        upstream={"max_connections": 1, "connect_timeout_seconds": 0.2})
+    config = sim_config(
+        simulator,
+        api_url=str(api_server.make_url("")).rstrip("/"),
+        upstream={"max_connections": 1, "connect_timeout_seconds": 0.2},
+    )
     proxy = await start_proxy(config)
     url = f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers"
 

@@ -14,19 +14,23 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from example_configs import materialize
-from proxy import __version__
-from proxy.cli import EXIT_CONFIG, EXIT_OK, main
+
+from st_proxy import __version__
+from st_proxy.cli import EXIT_CONFIG, EXIT_OK, main
 
 BIN = Path(sys.executable).parent
-CONSOLE_SCRIPT = [str(BIN / "st-proxy")] if (BIN / "st-proxy").exists() else [sys.executable, "-m", "proxy"]
+CONSOLE_SCRIPT = [str(BIN / "st-proxy")] if (BIN / "st-proxy").exists() else [sys.executable, "-m", "st_proxy"]
 
 APP_KEY = "ak1.CLI-APPKEY-never-shown-5a1"
 SECRET = "cs1.CLI-SECRET-never-shown-93b"
 SECRET_LITERAL = "cs1.CLI-LITERAL-never-shown-d7e"
-NO_FILE_ENV = {"ST_APP_KEY": APP_KEY, "ST_TENANT_ID": "1234567", "ST_CLIENT_ID": "cid.sidecar",
-               "ST_CLIENT_SECRET": SECRET}
+NO_FILE_ENV = {
+    "ST_APP_KEY": APP_KEY,
+    "ST_TENANT_ID": "1234567",
+    "ST_CLIENT_ID": "cid.sidecar",
+    "ST_CLIENT_SECRET": SECRET,
+}
 # A problem line: a config path (or the file's path) then ": ".
 PROBLEM_LINE = re.compile(r"^(\(top\)|env|env\.ST_[A-Z_]+|[\w/.-]+(\.[\w'-]+)*): \S")
 
@@ -54,10 +58,18 @@ def test_check_config_prints_a_redacted_summary_of_the_example_and_exits_0(tmp_p
     result = run(["check-config", "--config", str(example.path)], example.environ)
     assert result.returncode == EXIT_OK, result.stderr
     out = result.stdout
-    assert re.search(r"^  1234567: environment production \(https://api\.servicetitan\.io\), client_id cid\.abc123, "
-                     r"client_secret from file \S+/1234567/client_secret, app_key from env ST_APP_KEY$", out, re.M)
-    assert re.search(r"^  7654321: environment integration .*client_secret from env ST_CLIENT_SECRET_7654321, "
-                     r"app_key from env ST_APP_KEY_V2$", out, re.M)
+    assert re.search(
+        r"^  1234567: environment production \(https://api\.servicetitan\.io\), client_id cid\.abc123, "
+        r"client_secret from file \S+/1234567/client_secret, app_key from env ST_APP_KEY$",
+        out,
+        re.M,
+    )
+    assert re.search(
+        r"^  7654321: environment integration .*client_secret from env ST_CLIENT_SECRET_7654321, "
+        r"app_key from env ST_APP_KEY_V2$",
+        out,
+        re.M,
+    )
     assert "app_key: from env ST_APP_KEY" in out
     assert out.rstrip().endswith("config ok")
     assert result.stderr == ""
@@ -66,7 +78,9 @@ def test_check_config_prints_a_redacted_summary_of_the_example_and_exits_0(tmp_p
 
 
 def test_check_config_lists_every_problem_on_its_own_line_by_path_and_exits_2(tmp_path):
-    config = write(tmp_path, f"""
+    config = write(
+        tmp_path,
+        f"""
         listen: 127.0.0.1:80x
         app_key: {APP_KEY}
         tenants:
@@ -74,13 +88,19 @@ def test_check_config_lists_every_problem_on_its_own_line_by_path_and_exits_2(tm
           2: {{client_id: c, client_secret: {{env: ST_UNSET}}}}
           acme: {{client_id: c, client_secret: {{env: ST_CS}}}}
         tokens: {{client_auth: jwt, refresh_ahead: 3}}
-    """)
+    """,
+    )
     result = run(["check-config", "--config", str(config)], {"ST_CS": SECRET})
     assert_clean_failure(result)
     lines = result.stderr.splitlines()
     assert [line.split(": ")[0] for line in lines] == [
-        "listen", "tenants.1.environment", "tenants.2.client_secret", "tenants.acme", "tokens.refresh_ahead",
-        "tokens.client_auth"]
+        "listen",
+        "tenants.1.environment",
+        "tenants.2.client_secret",
+        "tenants.acme",
+        "tokens.refresh_ahead",
+        "tokens.client_auth",
+    ]
     assert all(PROBLEM_LINE.match(line) for line in lines), lines
     for secret in (APP_KEY, SECRET, SECRET_LITERAL):
         assert secret not in result.stderr
@@ -90,8 +110,12 @@ def test_check_config_without_a_file_reads_the_st_variables(tmp_path):
     result = run(["check-config"], NO_FILE_ENV)
     assert result.returncode == EXIT_OK, result.stderr
     assert "config: environment variables (no-file mode)" in result.stdout
-    assert re.search(r"^  1234567: environment production .*client_id cid\.sidecar, client_secret from env "
-                     r"ST_CLIENT_SECRET, app_key from env ST_APP_KEY$", result.stdout, re.M)
+    assert re.search(
+        r"^  1234567: environment production .*client_id cid\.sidecar, client_secret from env "
+        r"ST_CLIENT_SECRET, app_key from env ST_APP_KEY$",
+        result.stdout,
+        re.M,
+    )
     assert APP_KEY not in result.stdout + result.stderr and SECRET not in result.stdout + result.stderr
 
 
@@ -102,8 +126,9 @@ def test_check_config_without_a_file_or_variables_names_each_missing_variable():
 
 
 def test_python_dash_m_proxy_is_the_same_command(tmp_path):
-    result = run(["check-config"], {**NO_FILE_ENV, "ST_ENVIRONMENT": "integration"},
-                 command=[sys.executable, "-m", "proxy"])
+    result = run(
+        ["check-config"], {**NO_FILE_ENV, "ST_ENVIRONMENT": "integration"}, command=[sys.executable, "-m", "st_proxy"]
+    )
     assert result.returncode == EXIT_OK, result.stderr
     assert "environment integration" in result.stdout
 
@@ -116,8 +141,14 @@ def test_serve_with_a_broken_config_exits_2_before_listening(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["frobnicate"], ["check-config", "--bogus"], ["serve", "--log-format", "xml"], ["serve", "--log-level", "loud"],
-     ["check-config", "--config"]],
+    [
+        [],
+        ["frobnicate"],
+        ["check-config", "--bogus"],
+        ["serve", "--log-format", "xml"],
+        ["serve", "--log-level", "loud"],
+        ["check-config", "--config"],
+    ],
 )
 def test_usage_errors_exit_2_with_a_usage_line_and_no_traceback(args):
     result = run(args, NO_FILE_ENV)

@@ -7,13 +7,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from example_configs import CONFIG_DIR, EXAMPLES, materialize
-from proxy.config import (
-    _SECTIONS,
-    _TENANT_KEYS,
-    _TOP_KEYS,
-    BUILTIN_ENVIRONMENTS,
+
+from st_proxy.config import (
     Address,
     Config,
     ConfigError,
@@ -25,7 +21,9 @@ from proxy.config import (
     from_mapping,
     load_file,
 )
-from proxy.config_parse import parse_yaml
+from st_proxy.config.load import _SECTIONS, _TENANT_KEYS, _TOP_KEYS
+from st_proxy.config.model import BUILTIN_ENVIRONMENTS
+from st_proxy.config.values import parse_yaml
 
 # Distinctive values: if any of them shows up in an error or a repr, a secret leaked.
 APP_KEY = "ak1.APPKEY-do-not-print-1f3a"
@@ -72,12 +70,19 @@ def test_a_minimal_config_gets_every_default_of_the_design(tmp_path):
     assert config.admin_listen == Address("127.0.0.1", 9090)
     assert config.routing == RoutingConfig(tenant_header="X-Tenant-ID", default_tenant=None)
     assert config.tokens == TokenConfig(
-        refresh_ahead_seconds=120, expiry_skew_seconds=30, client_auth="client_secret_post",
-        authorization_prefix="Bearer ", fetch_timeout_seconds=10, rejected_cooloff_seconds=60,
-        replay_body_limit_bytes=1048576, prewarm_concurrency=8, scope=None,
+        refresh_ahead_seconds=120,
+        expiry_skew_seconds=30,
+        client_auth="client_secret_post",
+        authorization_prefix="Bearer ",
+        fetch_timeout_seconds=10,
+        rejected_cooloff_seconds=60,
+        replay_body_limit_bytes=1048576,
+        prewarm_concurrency=8,
+        scope=None,
     )
-    assert config.upstream == UpstreamConfig(connect_timeout_seconds=10, read_timeout_seconds=120,
-                                             max_connections=100, ca_file=None)
+    assert config.upstream == UpstreamConfig(
+        connect_timeout_seconds=10, read_timeout_seconds=120, max_connections=100, ca_file=None
+    )
     assert config.shutdown == ShutdownConfig(drain_seconds=5, timeout_seconds=30)
     tenant = config.tenants["1234567"]
     assert tenant.environment.name == "production"
@@ -94,7 +99,9 @@ def test_every_key_of_the_design_is_read_when_set(tmp_path):
     ca.write_text("not checked at load\n")
     secret_file = tmp_path / "cs"
     secret_file.write_text(SECRET_FILE + "\n")
-    config = load(tmp_path, f"""
+    config = load(
+        tmp_path,
+        f"""
         listen: 0.0.0.0:18080
         admin_listen: "[::1]:19090"
         app_key: {{env: ST_APP_KEY}}
@@ -119,7 +126,8 @@ def test_every_key_of_the_design_is_read_when_set(tmp_path):
           scope: "tn.crm.customers:r"
         upstream: {{connect_timeout_seconds: 1, read_timeout_seconds: 900, max_connections: 7, ca_file: {ca}}}
         shutdown: {{drain_seconds: 0, timeout_seconds: 12}}
-    """)
+    """,
+    )
     assert (config.listen, config.admin_listen) == (Address("0.0.0.0", 18080), Address("::1", 19090))
     assert str(config.admin_listen) == "[::1]:19090"
     assert config.routing == RoutingConfig("X-Customer", "42")
@@ -139,34 +147,45 @@ def test_every_key_of_the_design_is_read_when_set(tmp_path):
 # ---- secret references ---------------------------------------------------------------------------------------
 def test_secrets_come_from_values_env_vars_and_files_with_one_trailing_newline_dropped(tmp_path):
     (tmp_path / "cs").write_text(SECRET_FILE + "\n")
-    config = load(tmp_path, f"""
+    config = load(
+        tmp_path,
+        f"""
         app_key: {{value: {APP_KEY}}}
         tenants:
           1: {{client_id: c1, client_secret: {SECRET_LITERAL}}}
           2: {{client_id: c2, client_secret: {{env: ST_CS}}}}
           3: {{client_id: c3, client_secret: {{file: {tmp_path / "cs"}}}}}
-    """)
+    """,
+    )
     assert [config.tenants[t].client_secret.reveal() for t in "123"] == [SECRET_LITERAL, SECRET_ENV, SECRET_FILE]
     assert [config.tenants[t].client_secret_ref.describe() for t in "123"] == [
-        "a literal in the config", "env ST_CS", f"file {tmp_path / 'cs'}"]
+        "a literal in the config",
+        "env ST_CS",
+        f"file {tmp_path / 'cs'}",
+    ]
 
 
 def test_a_relative_secret_file_is_read_from_the_config_files_directory(tmp_path, monkeypatch):
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "cs").write_text(SECRET_FILE)
     monkeypatch.chdir("/")
-    config = load(tmp_path, "app_key: {env: ST_APP_KEY}\ntenants: {1: {client_id: c, client_secret: {file: secrets/cs}}}")
+    config = load(
+        tmp_path, "app_key: {env: ST_APP_KEY}\ntenants: {1: {client_id: c, client_secret: {file: secrets/cs}}}"
+    )
     assert config.tenants["1"].client_secret.reveal() == SECRET_FILE
     assert config.secret_files == (tmp_path / "secrets" / "cs",)
 
 
 def test_literal_secrets_produce_a_warning_per_path_and_references_do_not(tmp_path):
-    config = load(tmp_path, f"""
+    config = load(
+        tmp_path,
+        f"""
         app_key: {{value: {APP_KEY}}}
         tenants:
           1: {{client_id: c1, client_secret: {SECRET_LITERAL}}}
           2: {{client_id: c2, client_secret: {{env: ST_CS}}}}
-    """)
+    """,
+    )
     assert [w.split(":")[0] for w in config.warnings] == ["app_key", "tenants.1.client_secret"]
     assert all("literal secret" in w for w in config.warnings)
     assert_no_secret("\n".join(config.warnings))
@@ -180,7 +199,10 @@ def test_literal_secrets_produce_a_warning_per_path_and_references_do_not(tmp_pa
         ("{file: absent}", "tenants.1.client_secret: file {dir}/absent does not exist"),
         ("{file: empty}", "tenants.1.client_secret: file {dir}/empty is empty"),
         ("{file: adir}", "tenants.1.client_secret: file {dir}/adir cannot be read: Is a directory"),
-        ("{value: a, env: B}", "tenants.1.client_secret: a secret reference needs exactly one of 'value', 'env', 'file'"),
+        (
+            "{value: a, env: B}",
+            "tenants.1.client_secret: a secret reference needs exactly one of 'value', 'env', 'file'",
+        ),
         ("{envv: ST_CS}", "tenants.1.client_secret: a secret reference needs exactly one of 'value', 'env', 'file'"),
         ("12345", "tenants.1.client_secret: expected a string or a mapping with one of 'value', 'env', 'file'"),
     ],
@@ -200,7 +222,9 @@ def test_an_app_key_with_a_line_break_is_refused_without_showing_it(tmp_path):
 
 # ---- environments ---------------------------------------------------------------------------------------------
 def test_a_user_environment_is_added_and_a_built_in_one_can_be_overridden_in_part(tmp_path):
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
         app_key: {env: ST_APP_KEY}
         environments:
           production: {api_url: "http://egress.internal:3128/servicetitan/"}
@@ -209,7 +233,8 @@ def test_a_user_environment_is_added_and_a_built_in_one_can_be_overridden_in_par
           1: {client_id: c, client_secret: {env: ST_CS}}
           2: {client_id: c, client_secret: {env: ST_CS}, environment: sandbox}
           3: {client_id: c, client_secret: {env: ST_CS}, environment: integration}
-    """)
+    """,
+    )
     production = config.tenants["1"].environment
     assert production.api_url == "http://egress.internal:3128/servicetitan"
     assert production.auth_url == BUILTIN_ENVIRONMENTS["production"]["auth_url"]  # not overridden, kept
@@ -222,13 +247,20 @@ def test_a_user_environment_is_added_and_a_built_in_one_can_be_overridden_in_par
     ("urls", "expected"),
     [
         ("{api_url: http://x}", ["environments.e.auth_url: is required"]),
-        ("{auth_url: 'ftp://x/t', api_url: http://x}", ["environments.e.auth_url: expected an http(s) URL, got 'ftp://x/t'"]),
-        ("{auth_url: http://x/t, api_url: 'http://x/?a=1'}",
-         ["environments.e.api_url: must not carry a query or fragment"]),
+        (
+            "{auth_url: 'ftp://x/t', api_url: http://x}",
+            ["environments.e.auth_url: expected an http(s) URL, got 'ftp://x/t'"],
+        ),
+        (
+            "{auth_url: http://x/t, api_url: 'http://x/?a=1'}",
+            ["environments.e.api_url: must not carry a query or fragment"],
+        ),
         ("{auth_url: http://x/t, api_url: 5}", ["environments.e.api_url: expected an http(s) URL, got a number"]),
         ("{auth_url: http://x/t, api_url: 'http://x:99999'}", ["environments.e.api_url: not a valid URL"]),
-        ("{auth_url: http://x/t, api_url: http://x, region: eu}",
-         ["environments.e.region: unknown key (expected one of: auth_url, api_url)"]),
+        (
+            "{auth_url: http://x/t, api_url: http://x, region: eu}",
+            ["environments.e.region: unknown key (expected one of: auth_url, api_url)"],
+        ),
         ("[http://x]", ["environments.e: expected a mapping with auth_url and api_url, got a list"]),
     ],
 )
@@ -242,30 +274,39 @@ def test_a_broken_environment_is_reported_once_and_its_tenants_do_not_add_noise(
 
 
 def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path):
-    found = problems(tmp_path, f"""
+    found = problems(
+        tmp_path,
+        f"""
         app_key: {{env: ST_APP_KEY}}
         environments: {{e: {{auth_url: "https://cid:{SECRET_LITERAL}@auth.example/t", api_url: "https://api.example"}}}}
         tenants: {{1: {{client_id: c, client_secret: {{env: ST_CS}}, environment: e}}}}
-    """)
-    assert found == ["environments.e.auth_url: must not carry credentials (user:password@); the tenant's client_id and "
-                     "secret are used"]
+    """,
+    )
+    assert found == [
+        "environments.e.auth_url: must not carry credentials (user:password@); the tenant's client_id and "
+        "secret are used"
+    ]
 
 
 def test_a_tenant_naming_an_unknown_environment_lists_the_known_ones(tmp_path):
     text = "app_key: {env: ST_APP_KEY}\ntenants: {1: {client_id: c, client_secret: {env: ST_CS}, environment: prod}}"
     assert problems(tmp_path, text) == [
-        "tenants.1.environment: unknown environment 'prod' (known: integration, production)"]
+        "tenants.1.environment: unknown environment 'prod' (known: integration, production)"
+    ]
 
 
 # ---- tenants --------------------------------------------------------------------------------------------------
 def test_unquoted_and_quoted_tenant_ids_are_the_same_string_ids(tmp_path):
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
         app_key: {env: ST_APP_KEY}
         routing: {default_tenant: 1234567}
         tenants:
           1234567: {client_id: c, client_secret: {env: ST_CS}}
           "18446744073709551615": {client_id: d, client_secret: {env: ST_CS}}
-    """)
+    """,
+    )
     assert set(config.tenants) == {"1234567", "18446744073709551615"}
     assert config.routing.default_tenant == "1234567"
     assert config.tenants["1234567"].tenant_id == "1234567"
@@ -289,16 +330,20 @@ def test_a_key_written_twice_in_yaml_is_an_error_not_a_silent_overwrite(tmp_path
           42: {client_id: d, client_secret: {env: ST_CS}}
     """
     assert problems(tmp_path, text) == [
-        f"{tmp_path / 'config.yaml'}: invalid YAML at line 4, column 3: duplicate key 42 (first at line 3)"]
+        f"{tmp_path / 'config.yaml'}: invalid YAML at line 4, column 3: duplicate key 42 (first at line 3)"
+    ]
 
 
 def test_a_tenant_may_carry_its_own_app_key_for_a_scope_migration(tmp_path):
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
         app_key: {env: ST_APP_KEY}
         tenants:
           1: {client_id: c, client_secret: {env: ST_CS}}
           2: {client_id: c, client_secret: {env: ST_CS}, app_key: {env: ST_APP_KEY_V2}}
-    """)
+    """,
+    )
     assert config.tenants["1"].app_key.reveal() == APP_KEY
     assert config.tenants["2"].app_key.reveal() == APP_KEY_V2
     assert config.tenants["2"].app_key_ref.describe() == "env ST_APP_KEY_V2"
@@ -315,7 +360,10 @@ def test_a_tenant_may_carry_its_own_app_key_for_a_scope_migration(tmp_path):
         ('{"12\\n": {client_id: c, client_secret: x}}', ["tenants.'12\\n': a tenant id must be digits"]),
         ("{1: cid.a}", ["tenants.1: expected a mapping with client_id and client_secret, got a string"]),
         ("{1: {client_secret: {env: ST_CS}}}", ["tenants.1.client_id: is required"]),
-        ("{1: {client_id: 77, client_secret: {env: ST_CS}}}", ["tenants.1.client_id: expected a non-empty string, got a number"]),
+        (
+            "{1: {client_id: 77, client_secret: {env: ST_CS}}}",
+            ["tenants.1.client_id: expected a non-empty string, got a number"],
+        ),
         ("{1: {client_id: c}}", ["tenants.1.client_secret: is required"]),
     ],
 )
@@ -336,7 +384,10 @@ def test_routing_tenant_header_null_turns_header_routing_off(tmp_path):
         ("{default_tenant: 99}", "routing.default_tenant: tenant 99 is not configured under tenants"),
         ("{default_tenant: acme}", "routing.default_tenant: a tenant id must be digits"),
         ("{tenant_header: 'X Tenant'}", "routing.tenant_header: expected a header name (letters, digits, '-') or null"),
-        ("{tenant_header: ST-App-Key}", "routing.tenant_header: ST-App-Key is a header the proxy sets or strips itself"),
+        (
+            "{tenant_header: ST-App-Key}",
+            "routing.tenant_header: ST-App-Key is a header the proxy sets or strips itself",
+        ),
         ("[X-Tenant-ID]", "routing: expected a mapping, got a list"),
     ],
 )
@@ -364,7 +415,9 @@ def test_listen_accepts_host_port_bracketed_ipv6_and_bare_port(tmp_path, listen,
     assert load(tmp_path, MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\n").listen == expected
 
 
-@pytest.mark.parametrize("listen", ["8080", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:65536", "::1:8080", "1:²", "8080.5"])
+@pytest.mark.parametrize(
+    "listen", ["8080", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:65536", "::1:8080", "1:²", "8080.5"]
+)
 def test_listen_refuses_anything_else(tmp_path, listen):
     (found,) = problems(tmp_path, MINIMAL + f"listen: '{listen}'\n")
     assert found.startswith("listen: ")
@@ -372,7 +425,12 @@ def test_listen_refuses_anything_else(tmp_path, listen):
 
 @pytest.mark.parametrize(
     ("listen", "admin"),
-    [("127.0.0.1:8080", "127.0.0.1:8080"), ("0.0.0.0:8080", "127.0.0.1:8080"), (":9090", None), ("'[::]:7000'", "10.0.0.1:7000")],
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        (":9090", None),
+        ("'[::]:7000'", "10.0.0.1:7000"),
+    ],
 )
 def test_the_admin_port_may_never_be_the_data_port(tmp_path, listen, admin):
     text = MINIMAL + f"listen: {listen}\n" + (f"admin_listen: {admin}\n" if admin else "")
@@ -392,12 +450,17 @@ def test_both_ports_may_be_zero_for_an_ephemeral_pick(tmp_path):
         ("tokens: {expiry_skew_seconds: -1}", "tokens.expiry_skew_seconds: expected a number of seconds >= 0"),
         ("tokens: {refresh_ahead_seconds: '120'}", "tokens.refresh_ahead_seconds: expected a number of seconds >= 0"),
         ("tokens: {refresh_ahead_seconds: true}", "tokens.refresh_ahead_seconds: expected a number of seconds >= 0"),
-        ("tokens: {rejected_cooloff_seconds: .inf}", "tokens.rejected_cooloff_seconds: expected a number of seconds >= 0"),
+        (
+            "tokens: {rejected_cooloff_seconds: .inf}",
+            "tokens.rejected_cooloff_seconds: expected a number of seconds >= 0",
+        ),
         ("tokens: {fetch_timeout_seconds: 0}", "tokens.fetch_timeout_seconds: must be greater than 0"),
         ("tokens: {client_auth: basic}", "tokens.client_auth: expected one of client_secret_post, client_secret_basic"),
         ("tokens: {authorization_prefix: null}", "tokens.authorization_prefix: expected a string, got null"),
-        ("tokens: {authorization_prefix: \"Bearer\\r\\n\"}",
-         "tokens.authorization_prefix: must not contain control characters (it starts a header value)"),
+        (
+            'tokens: {authorization_prefix: "Bearer\\r\\n"}',
+            "tokens.authorization_prefix: must not contain control characters (it starts a header value)",
+        ),
         ("tokens: {prewarm_concurrency: 0}", "tokens.prewarm_concurrency: expected a whole number >= 1"),
         ("tokens: {replay_body_limit_bytes: 1.5}", "tokens.replay_body_limit_bytes: expected a whole number >= 0"),
         ("tokens: {scope: [a]}", "tokens.scope: expected a string or null, got a list"),
@@ -415,7 +478,11 @@ def test_a_bad_setting_is_reported_at_its_path(tmp_path, section, expected):
 def test_empty_sections_mean_all_defaults(tmp_path):
     config = load(tmp_path, MINIMAL + "tokens:\nupstream: {}\nshutdown:\nrouting:\nenvironments:\n")
     assert (config.tokens, config.upstream, config.shutdown, config.routing) == (
-        TokenConfig(), UpstreamConfig(), ShutdownConfig(), RoutingConfig())
+        TokenConfig(),
+        UpstreamConfig(),
+        ShutdownConfig(),
+        RoutingConfig(),
+    )
 
 
 # ---- unknown keys and all problems at once ----------------------------------------------------------------------
@@ -439,11 +506,14 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path, extra, path):
 def test_an_unknown_key_in_a_tenant_is_rejected_with_its_path(tmp_path):
     text = "app_key: {env: ST_APP_KEY}\ntenants: {1: {client_id: c, client_secret: {env: ST_CS}, clientsecret: x}}"
     assert problems(tmp_path, text) == [
-        "tenants.1.clientsecret: unknown key (expected one of: environment, client_id, client_secret, app_key)"]
+        "tenants.1.clientsecret: unknown key (expected one of: environment, client_id, client_secret, app_key)"
+    ]
 
 
 def test_every_problem_is_reported_at_once_each_with_its_path(tmp_path):
-    found = problems(tmp_path, f"""
+    found = problems(
+        tmp_path,
+        f"""
         listen: nowhere
         app_key: {{env: ST_NOT_SET}}
         colour: blue
@@ -455,10 +525,19 @@ def test_every_problem_is_reported_at_once_each_with_its_path(tmp_path):
         tokens: {{client_auth: jwt}}
         upstream: {{max_connections: 0}}
         shutdown: {{timeout_seconds: -1}}
-    """)
+    """,
+    )
     assert [p.split(": ")[0] for p in found] == [
-        "colour", "listen", "app_key", "environments.e.auth_url", "tenants.1.client_secret", "tenants.2.environment",
-        "routing.default_tenant", "tokens.client_auth", "upstream.max_connections", "shutdown.timeout_seconds",
+        "colour",
+        "listen",
+        "app_key",
+        "environments.e.auth_url",
+        "tenants.1.client_secret",
+        "tenants.2.environment",
+        "routing.default_tenant",
+        "tokens.client_auth",
+        "upstream.max_connections",
+        "shutdown.timeout_seconds",
     ]
     assert_no_secret("\n".join(found))
 
@@ -505,15 +584,23 @@ def test_the_app_key_is_required(tmp_path):
 # ---- no secret in a repr or an error ----------------------------------------------------------------------------
 def test_no_repr_of_a_loaded_config_shows_a_secret(tmp_path):
     (tmp_path / "cs").write_text(SECRET_FILE + "\n")
-    config = load(tmp_path, f"""
+    config = load(
+        tmp_path,
+        f"""
         app_key: {APP_KEY}
         tenants:
           1: {{client_id: c, client_secret: {SECRET_LITERAL}, app_key: {{env: ST_APP_KEY_V2}}}}
           2: {{client_id: c, client_secret: {{file: cs}}}}
           3: {{client_id: c, client_secret: {{env: ST_CS}}}}
-    """)
-    shown = [repr(config), str(config), *(repr(t) for t in config.tenants.values()), repr(config.app_key_ref),
-             *config.warnings]
+    """,
+    )
+    shown = [
+        repr(config),
+        str(config),
+        *(repr(t) for t in config.tenants.values()),
+        repr(config.app_key_ref),
+        *config.warnings,
+    ]
     for text in shown:
         assert_no_secret(text)
     assert config.tenants["1"].client_secret.reveal() == SECRET_LITERAL  # the value is there, only never shown
@@ -522,13 +609,16 @@ def test_no_repr_of_a_loaded_config_shows_a_secret(tmp_path):
 def test_no_error_message_shows_a_secret_even_when_secrets_resolve(tmp_path):
     (tmp_path / "cs").write_text(SECRET_FILE + "\n")
     with pytest.raises(ConfigError) as caught:
-        load(tmp_path, f"""
+        load(
+            tmp_path,
+            f"""
             app_key: {APP_KEY}
             tenants:
               1: {{client_id: c, client_secret: {SECRET_LITERAL}, environment: nope}}
               2: {{client_id: 5, client_secret: {{file: cs}}}}
               3: {{client_id: c, client_secret: {{env: ST_CS}}, app_key: {{value: {APP_KEY_V2}, env: X}}}}
-        """)
+        """,
+        )
     assert len(caught.value.problems) == 3
     assert_no_secret(str(caught.value))
     assert_no_secret(repr(caught.value))
@@ -542,8 +632,9 @@ def test_a_rotated_secret_changes_the_tenants_credentials_key(tmp_path):
 
 
 def test_from_mapping_validates_an_already_parsed_document():
-    config = from_mapping({"app_key": {"value": "k"}, "tenants": {5: {"client_id": "c", "client_secret": {"env": "S"}}}},
-                          {"S": "s"})
+    config = from_mapping(
+        {"app_key": {"value": "k"}, "tenants": {5: {"client_id": "c", "client_secret": {"env": "S"}}}}, {"S": "s"}
+    )
     assert list(config.tenants) == ["5"] and config.source is None
 
 
@@ -556,32 +647,53 @@ def test_no_file_mode_builds_one_production_tenant_from_the_environment():
     tenant = config.tenants["1234567"]
     assert list(config.tenants) == ["1234567"]
     assert tenant.environment.name == "production"
-    assert (tenant.client_id, tenant.client_secret.reveal(), tenant.app_key.reveal()) == ("cid.env", SECRET_ENV, APP_KEY)
+    assert (tenant.client_id, tenant.client_secret.reveal(), tenant.app_key.reveal()) == (
+        "cid.env",
+        SECRET_ENV,
+        APP_KEY,
+    )
     assert tenant.client_secret_ref.describe() == "env ST_CLIENT_SECRET"
     assert (config.listen, config.admin_listen) == (Address("127.0.0.1", 8080), Address("127.0.0.1", 9090))
     assert config.warnings == () and config.source is None
 
 
 def test_no_file_mode_takes_the_environment_name_and_listen_addresses():
-    config = from_environment({**BASE_ENV, "ST_ENVIRONMENT": "integration", "ST_PROXY_LISTEN": ":8000",
-                               "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:8001"})
+    config = from_environment(
+        {
+            **BASE_ENV,
+            "ST_ENVIRONMENT": "integration",
+            "ST_PROXY_LISTEN": ":8000",
+            "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:8001",
+        }
+    )
     assert config.tenants["1234567"].environment.api_url == "https://api-integration.servicetitan.io"
     assert (config.listen, config.admin_listen) == (Address("0.0.0.0", 8000), Address("127.0.0.1", 8001))
 
 
 def test_no_file_mode_auth_and_api_urls_make_a_custom_environment():
-    config = from_environment({**BASE_ENV, "ST_AUTH_URL": "http://127.0.0.1:8900/connect/token",
-                               "ST_API_URL": "http://127.0.0.1:8900/prefix/"})
+    config = from_environment(
+        {
+            **BASE_ENV,
+            "ST_AUTH_URL": "http://127.0.0.1:8900/connect/token",
+            "ST_API_URL": "http://127.0.0.1:8900/prefix/",
+        }
+    )
     env = config.tenants["1234567"].environment
     assert (env.name, env.auth_url, env.api_url) == (
-        "custom", "http://127.0.0.1:8900/connect/token", "http://127.0.0.1:8900/prefix")
+        "custom",
+        "http://127.0.0.1:8900/connect/token",
+        "http://127.0.0.1:8900/prefix",
+    )
 
 
 def test_no_file_mode_url_with_a_named_environment_overrides_that_environment():
     config = from_environment({**BASE_ENV, "ST_ENVIRONMENT": "integration", "ST_API_URL": "http://egress:3128"})
     env = config.tenants["1234567"].environment
     assert (env.name, env.api_url, env.auth_url) == (
-        "integration", "http://egress:3128", BUILTIN_ENVIRONMENTS["integration"]["auth_url"])
+        "integration",
+        "http://egress:3128",
+        BUILTIN_ENVIRONMENTS["integration"]["auth_url"],
+    )
 
 
 def test_no_file_mode_lists_every_missing_variable_by_name():
@@ -611,13 +723,21 @@ def test_no_file_mode_lists_bad_values_together_with_missing_variables():
     ("extra", "expected"),
     [
         ({"ST_TENANT_ID": "acme"}, "env.ST_TENANT_ID: a tenant id must be digits"),
-        ({"ST_ENVIRONMENT": "staging"}, "env.ST_ENVIRONMENT: unknown environment 'staging' (known: integration, production)"),
+        (
+            {"ST_ENVIRONMENT": "staging"},
+            "env.ST_ENVIRONMENT: unknown environment 'staging' (known: integration, production)",
+        ),
         ({"ST_API_URL": "http://x"}, "env.ST_AUTH_URL: is not set (a custom environment needs it with ST_API_URL)"),
         ({"ST_AUTH_URL": "http://x/t"}, "env.ST_API_URL: is not set (a custom environment needs it with ST_AUTH_URL)"),
         ({"ST_AUTH_URL": "x", "ST_API_URL": "http://x"}, "env.ST_AUTH_URL: expected an http(s) URL, got 'x'"),
-        ({"ST_PROXY_LISTEN": "8080"}, "env.ST_PROXY_LISTEN: expected HOST:PORT, [IPV6]:PORT or :PORT with a port 0-65535, got '8080'"),
-        ({"ST_PROXY_ADMIN_LISTEN": "127.0.0.1:8080"},
-         "env.ST_PROXY_ADMIN_LISTEN: 127.0.0.1:8080 clashes with listen 127.0.0.1:8080: the admin port is never the data port"),
+        (
+            {"ST_PROXY_LISTEN": "8080"},
+            "env.ST_PROXY_LISTEN: expected HOST:PORT, [IPV6]:PORT or :PORT with a port 0-65535, got '8080'",
+        ),
+        (
+            {"ST_PROXY_ADMIN_LISTEN": "127.0.0.1:8080"},
+            "env.ST_PROXY_ADMIN_LISTEN: 127.0.0.1:8080 clashes with listen 127.0.0.1:8080: the admin port is never the data port",
+        ),
     ],
 )
 def test_no_file_mode_errors_name_the_variable_to_fix(extra, expected):
@@ -659,10 +779,15 @@ def test_the_complete_example_shows_every_key_with_its_default(tmp_path):
     example = materialize("example.yaml", tmp_path)
     config = load_file(example.path, example.environ)
     assert (config.tokens, config.upstream, config.shutdown, config.routing) == (
-        TokenConfig(), UpstreamConfig(), ShutdownConfig(), RoutingConfig())
+        TokenConfig(),
+        UpstreamConfig(),
+        ShutdownConfig(),
+        RoutingConfig(),
+    )
     assert (config.listen, config.admin_listen) == (Config.listen, Config.admin_listen)
     assert {n: {"auth_url": e.auth_url, "api_url": e.api_url} for n, e in config.environments.items()} == (
-        BUILTIN_ENVIRONMENTS)
+        BUILTIN_ENVIRONMENTS
+    )
 
 
 def test_the_multi_tenant_example_spans_two_environments_with_file_secrets_and_an_app_key_migration(tmp_path):
@@ -677,10 +802,20 @@ def test_the_multi_tenant_example_spans_two_environments_with_file_secrets_and_a
     assert all(t.app_key != config.app_key for t in migrated)
 
 
-@pytest.mark.parametrize(("listen", "warned"), [("127.0.0.1:8080", False), ("127.8.9.1:8080", False),
-                                                 ("'[::1]:8080'", False), ("localhost:8080", False),
-                                                 (":8080", True), ("0.0.0.0:8080", True), ("10.1.2.3:8080", True),
-                                                 ("'[::]:8080'", True), ("proxy.internal:8080", True)])
+@pytest.mark.parametrize(
+    ("listen", "warned"),
+    [
+        ("127.0.0.1:8080", False),
+        ("127.8.9.1:8080", False),
+        ("'[::1]:8080'", False),
+        ("localhost:8080", False),
+        (":8080", True),
+        ("0.0.0.0:8080", True),
+        ("10.1.2.3:8080", True),
+        ("'[::]:8080'", True),
+        ("proxy.internal:8080", True),
+    ],
+)
 def test_a_data_port_beyond_loopback_is_warned_about(tmp_path, listen, warned):
     config = load(tmp_path, MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\n")
     assert [w.startswith("listen: ") for w in config.warnings] == ([True] if warned else [])

@@ -17,7 +17,7 @@ EXCHANGE = 20
 
 def st_proxy() -> list[str]:
     script = Path(sys.executable).with_name("st-proxy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "st_proxy"]
 
 
 async def printed_lines(proc: asyncio.subprocess.Process) -> list[str]:
@@ -64,8 +64,15 @@ async def test_the_demo_answers_its_own_printed_curl_lines_and_stops_cleanly_on_
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("ST_PROXY_CONFIG", None)
     proc = await asyncio.create_subprocess_exec(
-        *st_proxy(), "demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        *st_proxy(),
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
     try:
         printed = await printed_lines(proc)

@@ -24,8 +24,8 @@ import yaml
 from conftest import T1
 from serve_process import ServeProcess, poll_until
 
-from proxy.config import from_mapping, load_file
-from proxy.simulator import DEMO_APP_KEY, DEMO_TENANTS, SimTenant
+from st_proxy.config import from_mapping, load_file
+from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, SimTenant
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -100,8 +100,12 @@ def dockerfile() -> list[tuple[str, str]]:
 # -- Dockerfile --------------------------------------------------------------------------------------------------
 def test_the_dockerfile_passes_hadolint_without_a_single_warning():
     hadolint = Path(sys.executable).parent / "hadolint"
-    result = subprocess.run([str(hadolint), "--failure-threshold", "style", str(ROOT / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "style", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
 
 
@@ -109,7 +113,7 @@ def test_the_image_is_two_pinned_slim_stages_running_st_proxy_as_a_numeric_non_r
     steps = dockerfile()
     froms = [args for op, args in steps if op == "FROM"]
     assert len(froms) == 2 and all(re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+ AS \w+", f) for f in froms)
-    runtime = steps[[i for i, (op, _) in enumerate(steps) if op == "FROM"][1]:]
+    runtime = steps[[i for i, (op, _) in enumerate(steps) if op == "FROM"][1] :]
     [user] = [args for op, args in runtime if op == "USER"]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0
@@ -122,8 +126,11 @@ def test_the_image_is_two_pinned_slim_stages_running_st_proxy_as_a_numeric_non_r
 
 
 def test_the_build_context_the_dockerignore_leaves_holds_everything_the_dockerfile_copies():
-    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert rules[0] == "*"
     included = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
     for op, args in dockerfile():
@@ -145,7 +152,7 @@ async def installed(tmp_path_factory) -> Path:
     """The Dockerfile's build stage, for real: the build context copied, then deploy/docker/install.sh run on it."""
     work = tmp_path_factory.mktemp("image")
     steps = dockerfile()
-    build = steps[:[i for i, (op, _) in enumerate(steps) if op == "FROM"][1]]
+    build = steps[: [i for i, (op, _) in enumerate(steps) if op == "FROM"][1]]
     [workdir] = [args for op, args in build if op == "WORKDIR"]
     context = work / workdir.lstrip("/")
     script = None
@@ -170,14 +177,18 @@ async def installed(tmp_path_factory) -> Path:
     target = work / "opt" / "st-proxy"
     result = subprocess.run(
         ["sh", str(ROOT / "deploy" / "docker" / "install.sh"), str(context), str(target), str(work / "wheels")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return target
 
 
 async def test_the_installed_image_checks_its_config_serves_through_the_simulator_and_stops_cleanly_on_sigterm(
-        installed, make_simulator, tmp_path):
+    installed, make_simulator, tmp_path
+):
     tenant = SimTenant("1234567", "cid.replace-me", "cs1.image-test-secret")
     sim = await make_simulator(tenants=[tenant])
     assert not (installed / "bin" / "pip").exists()  # the runtime venv cannot install anything
@@ -193,8 +204,9 @@ async def test_the_installed_image_checks_its_config_serves_through_the_simulato
     config.write_text(yaml.safe_dump(raw))
 
     st_proxy = installed / "bin" / "st-proxy"
-    check = subprocess.run([str(st_proxy), "check-config", "--config", str(config)], capture_output=True, text=True,
-                           timeout=60)
+    check = subprocess.run(
+        [str(st_proxy), "check-config", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert tenant.client_secret not in check.stdout + check.stderr
 
@@ -205,8 +217,12 @@ async def test_the_installed_image_checks_its_config_serves_through_the_simulato
     before = sorted(p for p in installed.rglob("*"))
     run_dir = tmp_path / "cwd"
     run_dir.mkdir()
-    child = await ServeProcess.start(config, command=[str(installed / "bin" / entrypoint[0]), *cmd], cwd=run_dir,
-                                     env={"PYTHONDONTWRITEBYTECODE": "1"})
+    child = await ServeProcess.start(
+        config,
+        command=[str(installed / "bin" / entrypoint[0]), *cmd],
+        cwd=run_dir,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(child.admin_url + "/healthz") as resp:
@@ -263,7 +279,7 @@ def test_the_credentials_secret_example_is_valid_and_holds_every_file_the_config
         [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]]
         mount = mounts[volume["name"]]
         for ref in file_refs(embedded_config(docs)):
-            assert ref.startswith(mount + "/") and ref[len(mount) + 1:] in secret["stringData"], ref
+            assert ref.startswith(mount + "/") and ref[len(mount) + 1 :] in secret["stringData"], ref
 
 
 @pytest.mark.parametrize("overlay", ["sidecar", "gateway"])
@@ -368,7 +384,7 @@ def host_path(container_path: str, volumes: list[str]) -> Path:
     for volume in volumes:
         host, inside, *_ = volume.split(":")
         if container_path.startswith(inside.rstrip("/") + "/"):
-            return (COMPOSE / host / container_path[len(inside.rstrip("/")) + 1:]).resolve()
+            return (COMPOSE / host / container_path[len(inside.rstrip("/")) + 1 :]).resolve()
     raise AssertionError(f"{container_path} is not mounted")
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import sim_config
 from test_metrics import Scrape, scrape_text, settled
 
@@ -32,16 +31,17 @@ def prometheus_binary(name: str) -> str:
     found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
     if found:
         return found
-    message = (f"{name} is not installed: install Debian's `prometheus` package (apt-get install prometheus), "
-               f"or set {ALLOW_MISSING}=1 to skip this test")
+    message = (
+        f"{name} is not installed: install Debian's `prometheus` package (apt-get install prometheus), "
+        f"or set {ALLOW_MISSING}=1 to skip this test"
+    )
     if os.environ.get(ALLOW_MISSING) == "1":
         pytest.skip(message)
     pytest.fail(message)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([prometheus_binary("promtool"), *args], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT)
+    return subprocess.run([prometheus_binary("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 def alert_rules() -> list[dict]:
@@ -67,6 +67,7 @@ def base_name(name: str) -> str:
 
 # -- Prometheus rules and configs --------------------------------------------------------------------------------
 
+
 def test_promtool_accepts_the_alert_rules():
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -87,9 +88,14 @@ def test_promtool_accepts_the_example_scrape_config():
 def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_check():
     rules = alert_rules()
     assert {r["alert"] for r in rules} == {
-        "STProxyTenantCredentialsRejected", "STProxyTokenExpiringRefreshFailing", "STProxyUpstream5xxRateHigh",
-        "STProxyUpstreamRateLimited", "STProxyUpstreamUnreachable", "STProxyRequestsWithoutConfiguredTenant",
-        "STProxyDown", "STProxyConfigReloadFailing",
+        "STProxyTenantCredentialsRejected",
+        "STProxyTokenExpiringRefreshFailing",
+        "STProxyUpstream5xxRateHigh",
+        "STProxyUpstreamRateLimited",
+        "STProxyUpstreamUnreachable",
+        "STProxyRequestsWithoutConfiguredTenant",
+        "STProxyDown",
+        "STProxyConfigReloadFailing",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
@@ -99,8 +105,9 @@ def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_c
 
 def test_every_alert_is_exercised_by_a_promtool_unit_test():
     tests = yaml.safe_load((PROMETHEUS_DIR / "tests" / "alerts_test.yaml").read_text())["tests"]
-    tested = {m for t in tests for e in t.get("promql_expr_test", []) for m in re.findall(r'alertname="(\w+)"',
-                                                                                          e["expr"])}
+    tested = {
+        m for t in tests for e in t.get("promql_expr_test", []) for m in re.findall(r'alertname="(\w+)"', e["expr"])
+    }
     assert tested == {r["alert"] for r in alert_rules()}
 
 
@@ -115,6 +122,7 @@ def test_the_down_alert_matches_a_static_job_and_a_podmonitor_job():
 
 
 # -- the Grafana dashboard ---------------------------------------------------------------------------------------
+
 
 def test_the_dashboard_is_importable_json_with_datasource_and_tenant_variables():
     board = dashboard()
@@ -154,9 +162,17 @@ def test_the_dashboard_has_the_panels_an_operator_needs():
 
 def test_every_dashboard_query_is_valid_promql(tmp_path):
     # promtool has no "check this expression" command; a recording rule per query gets the same parser.
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{i}", "expr": as_plain_promql(expr)} for i, expr in enumerate(dashboard_exprs())
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": as_plain_promql(expr)}
+                    for i, expr in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yaml"
     path.write_text(yaml.safe_dump(rules))
     result = promtool("check", "rules", str(path))
@@ -164,6 +180,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
 
 
 # -- the names they use exist ------------------------------------------------------------------------------------
+
 
 async def test_every_metric_named_in_the_alerts_and_the_dashboard_is_served_by_the_proxy(simulator, start_proxy):
     proxy = await start_proxy(sim_config(simulator))
@@ -182,6 +199,7 @@ async def test_every_metric_named_in_the_alerts_and_the_dashboard_is_served_by_t
 
 
 # -- the missing-binary policy -----------------------------------------------------------------------------------
+
 
 def test_a_missing_prometheus_binary_fails_the_test_unless_skipping_is_asked_for(monkeypatch):
     monkeypatch.delenv(ALLOW_MISSING, raising=False)

@@ -16,7 +16,7 @@ from aiohttp import web
 from conftest import T1
 from serve_process import ServeProcess, poll_until, write_config
 
-from proxy.simulator import DEMO_APP_KEY
+from st_proxy.devtools.simulator import DEMO_APP_KEY
 
 
 class Gate:
@@ -50,8 +50,14 @@ async def serve(tmp_path, simulator, gate) -> AsyncIterator:
     children: list[ServeProcess] = []
 
     async def start(**shutdown: float) -> ServeProcess:
-        config = write_config(tmp_path, auth_url=simulator.auth_url, api_url=gate[1], tenants=[T1],
-                              app_key=DEMO_APP_KEY, shutdown=shutdown)
+        config = write_config(
+            tmp_path,
+            auth_url=simulator.auth_url,
+            api_url=gate[1],
+            tenants=[T1],
+            app_key=DEMO_APP_KEY,
+            shutdown=shutdown,
+        )
         child = await ServeProcess.start(config)
         children.append(child)
         await poll_until(lambda: _status(child.admin_url + "/readyz", 200), what="readiness")
@@ -87,18 +93,17 @@ def _path() -> str:
 
 async def test_sigterm_lets_an_in_flight_stream_finish_refuses_new_connections_after_the_drain_and_exits_0(serve, gate):
     child = await serve(drain_seconds=0.5, timeout_seconds=30)
-    async with aiohttp.ClientSession() as caller:
-        async with caller.get(child.url + _path()) as resp:
-            assert resp.status == 200
-            assert await resp.content.readline() == b"first\n"
+    async with aiohttp.ClientSession() as caller, caller.get(child.url + _path()) as resp:
+        assert resp.status == 200
+        assert await resp.content.readline() == b"first\n"
 
-            child.send(signal.SIGTERM)
-            await poll_until(lambda: _status(child.admin_url + "/readyz", 503), what="/readyz turning 503")
-            await poll_until(lambda: _refused(f"{child.url}/crm/v2/tenant/999/customers"), what="the listener closing")
-            assert child.proc.returncode is None  # still waiting for the request in flight
+        child.send(signal.SIGTERM)
+        await poll_until(lambda: _status(child.admin_url + "/readyz", 503), what="/readyz turning 503")
+        await poll_until(lambda: _refused(f"{child.url}/crm/v2/tenant/999/customers"), what="the listener closing")
+        assert child.proc.returncode is None  # still waiting for the request in flight
 
-            gate[0].release.set()
-            assert await resp.content.read() == b"last\n"
+        gate[0].release.set()
+        assert await resp.content.read() == b"last\n"
     assert await child.wait_exit() == 0
     events = [e["event"] for e in child.events if e.get("event") in ("draining", "listener_closed", "stopped")]
     assert events == ["draining", "listener_closed", "stopped"]
@@ -112,10 +117,9 @@ async def test_while_draining_new_connections_are_served_and_a_second_signal_exi
     await child.wait_event("draining")
     assert await _get_status(child.admin_url + "/readyz") == 503
     assert await _get_status(child.admin_url + "/healthz") == 200
-    async with aiohttp.ClientSession() as caller:
-        async with caller.get(f"{child.url}/crm/v2/tenant/999/customers") as resp:
-            assert resp.status == 403  # a new connection during the drain is accepted and answered
-            assert resp.headers["Connection"] == "close"  # and told to reconnect elsewhere next time
+    async with aiohttp.ClientSession() as caller, caller.get(f"{child.url}/crm/v2/tenant/999/customers") as resp:
+        assert resp.status == 403  # a new connection during the drain is accepted and answered
+        assert resp.headers["Connection"] == "close"  # and told to reconnect elsewhere next time
 
     child.send(second)
     assert await child.wait_exit() == 1  # long before the 600 s drain would have ended
@@ -125,12 +129,11 @@ async def test_while_draining_new_connections_are_served_and_a_second_signal_exi
 
 async def test_a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_process_still_exits_0(serve, gate):
     child = await serve(drain_seconds=0, timeout_seconds=0.5)
-    async with aiohttp.ClientSession() as caller:
-        async with caller.get(child.url + _path()) as resp:
-            assert await resp.content.readline() == b"first\n"
-            child.send(signal.SIGTERM)
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.content.read()  # the gate never opens: the proxy cancels the request and cuts it
+    async with aiohttp.ClientSession() as caller, caller.get(child.url + _path()) as resp:
+        assert await resp.content.readline() == b"first\n"
+        child.send(signal.SIGTERM)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.content.read()  # the gate never opens: the proxy cancels the request and cuts it
     assert await child.wait_exit() == 0
     assert child.with_event("stopped")
 
@@ -144,13 +147,12 @@ async def test_sigint_skips_the_drain_delay_but_still_exits_0(serve):
 
 async def test_a_sighup_while_in_flight_requests_finish_does_not_kill_the_process(serve, gate):
     child = await serve(drain_seconds=0, timeout_seconds=30)
-    async with aiohttp.ClientSession() as caller:
-        async with caller.get(child.url + _path()) as resp:
-            assert await resp.content.readline() == b"first\n"
-            child.send(signal.SIGTERM)
-            await child.wait_event("listener_closed")
-            child.send(signal.SIGHUP)  # a config-management tool reloading at the wrong moment
-            gate[0].release.set()
-            assert await resp.content.read() == b"last\n"
+    async with aiohttp.ClientSession() as caller, caller.get(child.url + _path()) as resp:
+        assert await resp.content.readline() == b"first\n"
+        child.send(signal.SIGTERM)
+        await child.wait_event("listener_closed")
+        child.send(signal.SIGHUP)  # a config-management tool reloading at the wrong moment
+        gate[0].release.set()
+        assert await resp.content.read() == b"last\n"
     assert await child.wait_exit() == 0
     assert child.with_event("stopped")

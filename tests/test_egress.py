@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 
 from aiohttp import web
-
 from conftest import T1, sim_config
-from proxy.egress import DIRECT, EgressProxies
+
+from st_proxy.upstream.egress import DIRECT, EgressProxies
 
 
 def test_a_proxy_from_the_environment_is_used_for_its_scheme():
@@ -36,8 +36,14 @@ async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(a
     seen: list[tuple[str, str, str | None, str | None]] = []
 
     async def forward_proxy(request: web.Request) -> web.Response:
-        seen.append((request.method, request.raw_path, request.headers.get("Proxy-Authorization"),
-                     request.headers.get("Authorization")))
+        seen.append(
+            (
+                request.method,
+                request.raw_path,
+                request.headers.get("Proxy-Authorization"),
+                request.headers.get("Authorization"),
+            )
+        )
         if request.raw_path.endswith("/connect/token"):
             return web.json_response({"access_token": "tok-via-proxy", "expires_in": 900})
         return web.json_response({"ok": True})
@@ -46,8 +52,9 @@ async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(a
     app.router.add_route("*", "/{tail:.*}", forward_proxy)
     fake = await aiohttp_server(app)
     config = sim_config(api_url="http://api.st.test", auth_url="http://auth.st.test/connect/token")
-    proxy = await start_proxy(config, prewarm=False,
-                              environ={"HTTP_PROXY": f"http://agent:s3cret@127.0.0.1:{fake.port}"})
+    proxy = await start_proxy(
+        config, prewarm=False, environ={"HTTP_PROXY": f"http://agent:s3cret@127.0.0.1:{fake.port}"}
+    )
 
     async with proxy.session.get(f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers?page=2") as resp:
         assert resp.status == 200
@@ -56,6 +63,10 @@ async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(a
     expected_auth = "Basic " + base64.b64encode(b"agent:s3cret").decode()
     assert seen == [
         ("POST", "http://auth.st.test/connect/token", expected_auth, None),
-        ("GET", f"http://api.st.test/crm/v2/tenant/{T1.tenant_id}/customers?page=2", expected_auth,
-         "Bearer tok-via-proxy"),
+        (
+            "GET",
+            f"http://api.st.test/crm/v2/tenant/{T1.tenant_id}/customers?page=2",
+            expected_auth,
+            "Bearer tok-via-proxy",
+        ),
     ]

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import T1, T2, sim_config
 from yarl import URL
 
-from conftest import T1, T2, sim_config
-from proxy.config import from_mapping
-from proxy.simulator import DEMO_APP_KEY, FAKE_REDIRECT, Simulator
+from st_proxy.config import from_mapping
+from st_proxy.devtools.simulator import DEMO_APP_KEY, FAKE_REDIRECT, Simulator
 
 TENANT_PATH = f"/crm/v2/tenant/{T1.tenant_id}"
 
@@ -150,8 +150,16 @@ async def test_hop_by_hop_tenant_host_and_proxy_headers_never_reach_the_upstream
     assert status == 200
     arrived = recorder.last
     names = arrived.names()
-    for gone in ("x-tenant-id", "x-listed-in-connection", "keep-alive", "te", "trailer", "proxy-authorization",
-                 "proxy-connection", "proxy-anything"):
+    for gone in (
+        "x-tenant-id",
+        "x-listed-in-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+        "proxy-anything",
+    ):
         assert gone not in names, gone
     assert arrived.header("Host") == [URL(recorder.url).raw_authority]
     assert arrived.header("X-Kept") == ["one", "two"]
@@ -185,10 +193,17 @@ async def test_a_tenants_own_app_key_overrides_the_shared_one(simulator, recorde
         "app_key": {"value": DEMO_APP_KEY},
         "environments": {"sim": {"auth_url": simulator.auth_url, "api_url": recorder.url}},
         "tenants": {
-            T1.tenant_id: {"environment": "sim", "client_id": T1.client_id,
-                           "client_secret": {"value": T1.client_secret}, "app_key": {"value": "ak1.migrated-scopes"}},
-            T2.tenant_id: {"environment": "sim", "client_id": T2.client_id,
-                           "client_secret": {"value": T2.client_secret}},
+            T1.tenant_id: {
+                "environment": "sim",
+                "client_id": T1.client_id,
+                "client_secret": {"value": T1.client_secret},
+                "app_key": {"value": "ak1.migrated-scopes"},
+            },
+            T2.tenant_id: {
+                "environment": "sim",
+                "client_id": T2.client_id,
+                "client_secret": {"value": T2.client_secret},
+            },
         },
     }
     config = from_mapping(raw, {})
@@ -310,7 +325,9 @@ async def test_gzip_bodies_pass_through_both_ways_untouched(recorder, via_record
 
     recorder.reply = gzipped
     async with via_recorder.session.post(
-        f"{via_recorder.url}{TENANT_PATH}/notes", data=upload, headers={"Content-Encoding": "gzip"},
+        f"{via_recorder.url}{TENANT_PATH}/notes",
+        data=upload,
+        headers={"Content-Encoding": "gzip"},
         skip_auto_headers=("Accept-Encoding",),
     ) as resp:
         assert resp.headers["Content-Encoding"] == "gzip"
@@ -530,9 +547,7 @@ async def test_200_concurrent_cold_requests_for_one_tenant_make_one_token_reques
     assert gated_simulator.token_requests == 1
 
 
-async def test_two_tenants_with_100_concurrent_cold_requests_each_make_two_token_requests(
-    gated_simulator, start_proxy
-):
+async def test_two_tenants_with_100_concurrent_cold_requests_each_make_two_token_requests(gated_simulator, start_proxy):
     proxy = await start_proxy(sim_config(gated_simulator), prewarm=False)
     assert await burst(proxy, gated_simulator, [T1.tenant_id, T2.tenant_id] * 100) == [200] * 200
     assert dict(gated_simulator.token_requests_by_client) == {T1.client_id: 1, T2.client_id: 1}

@@ -8,12 +8,16 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
+from conftest import T1, sim_config
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from conftest import T1, sim_config
-from proxy.headers import downstream_response_headers, request_id, upstream_request_headers
-from proxy.simulator import DEMO_APP_KEY
+from st_proxy.devtools.simulator import DEMO_APP_KEY
+from st_proxy.http.headers import (
+    downstream_response_headers,
+    request_id,
+    upstream_request_headers,
+)
 
 HOP_BY_HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade"]
 
@@ -23,8 +27,9 @@ def cim(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 
 
 def outgoing(*pairs: tuple[str, str], tenant_header: str | None = "X-Tenant-ID") -> list[tuple[str, str]]:
-    out = upstream_request_headers(cim(*pairs), tenant_header=tenant_header, authorization="Bearer T0KEN",
-                                   app_key="ak1.key", request_id="rid-1")
+    out = upstream_request_headers(
+        cim(*pairs), tenant_header=tenant_header, authorization="Bearer T0KEN", app_key="ak1.key", request_id="rid-1"
+    )
     return list(out.items())
 
 
@@ -37,14 +42,32 @@ def test_each_hop_by_hop_request_header_is_stripped(name):
 
 
 def test_every_header_named_in_connection_is_stripped_case_insensitively():
-    sent = outgoing(("Connection", "keep-alive, X-Hop-One"), ("connection", " x-hop-two ,"), ("X-HOP-ONE", "1"),
-                    ("x-hop-two", "2"), ("X-Kept", "3"))
+    sent = outgoing(
+        ("Connection", "keep-alive, X-Hop-One"),
+        ("connection", " x-hop-two ,"),
+        ("X-HOP-ONE", "1"),
+        ("x-hop-two", "2"),
+        ("X-Kept", "3"),
+    )
     assert [n for n, _ in sent if n.lower().startswith("x-hop")] == []
     assert ("X-Kept", "3") in sent
 
 
-@pytest.mark.parametrize("name", ["Authorization", "authorization", "ST-App-Key", "st-app-key", "X-Tenant-ID",
-                                  "x-tenant-id", "Host", "Proxy-Authorization", "Proxy-Anything", "X-Request-ID"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "authorization",
+        "ST-App-Key",
+        "st-app-key",
+        "X-Tenant-ID",
+        "x-tenant-id",
+        "Host",
+        "Proxy-Authorization",
+        "Proxy-Anything",
+        "X-Request-ID",
+    ],
+)
 def test_credentials_routing_host_and_proxy_headers_from_the_caller_do_not_travel(name):
     sent = outgoing((name, "from-the-caller"))
     assert "from-the-caller" not in [v for _, v in sent]
@@ -53,18 +76,31 @@ def test_credentials_routing_host_and_proxy_headers_from_the_caller_do_not_trave
 def test_the_proxy_adds_its_credentials_and_the_request_id_exactly_once():
     sent = outgoing(("Authorization", "Bearer caller"), ("ST-App-Key", "caller"), ("Accept", "*/*"))
     assert [(n, v) for n, v in sent if n.lower() in ("authorization", "st-app-key", "x-request-id")] == [
-        ("Authorization", "Bearer T0KEN"), ("ST-App-Key", "ak1.key"), ("X-Request-ID", "rid-1")]
+        ("Authorization", "Bearer T0KEN"),
+        ("ST-App-Key", "ak1.key"),
+        ("X-Request-ID", "rid-1"),
+    ]
 
 
 def test_repeated_ordinary_headers_are_kept_in_order():
     sent = outgoing(("X-Dup", "a"), ("Accept", "*/*"), ("x-dup", "b"), ("X-Dup", "c"))
     assert [(n, v) for n, v in sent if n.lower() in ("x-dup", "accept")] == [
-        ("X-Dup", "a"), ("Accept", "*/*"), ("x-dup", "b"), ("X-Dup", "c")]
+        ("X-Dup", "a"),
+        ("Accept", "*/*"),
+        ("x-dup", "b"),
+        ("X-Dup", "c"),
+    ]
 
 
 def test_end_to_end_content_headers_are_kept():
-    pairs = [("Content-Type", "application/json"), ("Content-Length", "12"), ("Content-Encoding", "gzip"),
-             ("Accept-Encoding", "gzip"), ("If-None-Match", '"e1"'), ("Cookie", "a=1")]
+    pairs = [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "12"),
+        ("Content-Encoding", "gzip"),
+        ("Accept-Encoding", "gzip"),
+        ("If-None-Match", '"e1"'),
+        ("Cookie", "a=1"),
+    ]
     sent = outgoing(*pairs)
     assert [p for p in sent if p in pairs] == pairs
 
@@ -94,12 +130,25 @@ def test_a_missing_or_odd_request_id_is_replaced_by_a_generated_one(given):
 
 # ---- response headers -------------------------------------------------------------------------------------------
 def test_response_hop_by_hop_and_connection_listed_headers_are_stripped_and_the_rest_kept_in_order():
-    upstream = cim(("Connection", "close, X-Up-Hop"), ("X-Up-Hop", "1"), ("Keep-Alive", "timeout=5"),
-                   ("Transfer-Encoding", "chunked"), ("Set-Cookie", "a=1"), ("Content-Type", "text/plain"),
-                   ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip"), ("Content-Length", "10"))
+    upstream = cim(
+        ("Connection", "close, X-Up-Hop"),
+        ("X-Up-Hop", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("Transfer-Encoding", "chunked"),
+        ("Set-Cookie", "a=1"),
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "b=2"),
+        ("Content-Encoding", "gzip"),
+        ("Content-Length", "10"),
+    )
     out = list(downstream_response_headers(upstream, "rid-9").items())
-    assert out == [("Set-Cookie", "a=1"), ("Content-Type", "text/plain"), ("Set-Cookie", "b=2"),
-                   ("Content-Encoding", "gzip"), ("X-Request-ID", "rid-9")]  # Content-Length: the handler's job
+    assert out == [
+        ("Set-Cookie", "a=1"),
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "b=2"),
+        ("Content-Encoding", "gzip"),
+        ("X-Request-ID", "rid-9"),
+    ]  # Content-Length: the handler's job
 
 
 def test_an_upstream_request_id_is_passed_through_rather_than_replaced():
@@ -182,8 +231,9 @@ async def exchange(url: str, raw: bytes) -> tuple[bytes, list[tuple[str, str]], 
     return first, pairs, body
 
 
-async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_design_says(simulator, upstream,
-                                                                                         start_proxy):
+async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_design_says(
+    simulator, upstream, start_proxy
+):
     proxy = await start_proxy(sim_config(simulator, api_url=upstream.url), prewarm=False)
     path = f"/crm/v2/tenant/{T1.tenant_id}/notes?a=1&b=%2F"
     request = (
@@ -209,20 +259,30 @@ async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_desi
     ).encode()
     status, answer_headers, body = await exchange(proxy.url, request)
 
-    (head, sent_body), = upstream.requests
+    ((head, sent_body),) = upstream.requests
     request_line, sent = parse_head(head)
     names = [name.lower() for name, _ in sent]
     assert request_line == f"POST {path} HTTP/1.1".encode()
     assert sent_body == b"hello"
-    for gone in ("x-hop", "keep-alive", "te", "proxy-authorization", "proxy-connection", "x-tenant-id",
-                 "transfer-encoding"):
+    for gone in (
+        "x-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "x-tenant-id",
+        "transfer-encoding",
+    ):
         assert gone not in names
     assert [v for n, v in sent if n.lower() == "host"] == [upstream.url.removeprefix("http://")]
     assert [v for n, v in sent if n.lower() == "authorization"] == [f"Bearer {simulator.issued_tokens[0]}"]
     assert [v for n, v in sent if n.lower() == "st-app-key"] == [DEMO_APP_KEY]
     assert [v for n, v in sent if n.lower() == "x-request-id"] == ["caller-req-1"]
-    assert [(n, v) for n, v in sent if n.lower() in ("x-dup", "x-other")] == [("X-Dup", "a"), ("X-Other", "z"),
-                                                                                ("X-Dup", "b")]
+    assert [(n, v) for n, v in sent if n.lower() in ("x-dup", "x-other")] == [
+        ("X-Dup", "a"),
+        ("X-Other", "z"),
+        ("X-Dup", "b"),
+    ]
     assert [v for n, v in sent if n.lower() == "content-length"] == ["5"]
     assert "accept-encoding" not in names  # none added that the caller did not send
     assert b"callers-own" not in head
@@ -232,7 +292,11 @@ async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_desi
     assert "x-up-hop" not in answer_names and "keep-alive" not in answer_names
     assert all("x-up-hop" not in v.lower() for n, v in answer_headers if n.lower() == "connection")
     assert [(n, v) for n, v in answer_headers if n.lower() in ("x-dup", "set-cookie")] == [
-        ("X-Dup", "1"), ("Set-Cookie", "a=1"), ("X-Dup", "2"), ("Set-Cookie", "b=2")]
+        ("X-Dup", "1"),
+        ("Set-Cookie", "a=1"),
+        ("X-Dup", "2"),
+        ("Set-Cookie", "b=2"),
+    ]
     assert [v for n, v in answer_headers if n.lower() == "content-length"] == ["2"]
     assert [v for n, v in answer_headers if n.lower() == "x-request-id"] == ["caller-req-1"]
     assert body == b"ok"

@@ -16,14 +16,25 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-
 from conftest import T1, T2, sim_config
-from proxy import log as logsetup
-from proxy.simulator import DEMO_APP_KEY, SimTenant
 from test_metrics import scrape_text, settled
 
-ACCESS_FIELDS = {"time", "level", "logger", "request_id", "tenant", "method", "path", "status", "duration_ms",
-                 "upstream_ms", "bytes"}
+from st_proxy.devtools.simulator import DEMO_APP_KEY, SimTenant
+from st_proxy.ops import log as logsetup
+
+ACCESS_FIELDS = {
+    "time",
+    "level",
+    "logger",
+    "request_id",
+    "tenant",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "upstream_ms",
+    "bytes",
+}
 TENANT_PATH = f"/crm/v2/tenant/{T1.tenant_id}"
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -43,6 +54,7 @@ async def call(proxy, path: str, method: str = "GET", **kwargs: Any):
 
 
 # -- the access line ---------------------------------------------------------------------------------------------
+
 
 async def test_a_request_writes_one_json_access_line_with_the_design_fields(simulator, start_proxy, captured_logs):
     proxy = await start_proxy(sim_config(simulator))
@@ -70,8 +82,9 @@ async def test_the_path_field_never_carries_the_query_string(simulator, start_pr
         assert needle not in log
 
 
-async def test_the_callers_request_id_is_kept_forwarded_upstream_returned_and_logged(simulator, start_proxy,
-                                                                                       captured_logs):
+async def test_the_callers_request_id_is_kept_forwarded_upstream_returned_and_logged(
+    simulator, start_proxy, captured_logs
+):
     proxy = await start_proxy(sim_config(simulator))
     resp, body = await call(proxy, TENANT_PATH + "/echo", headers={"X-Request-ID": "caller-id-42"})
     upstream_saw = [v for k, v in json.loads(body)["headers"] if k.lower() == "x-request-id"]
@@ -81,8 +94,9 @@ async def test_the_callers_request_id_is_kept_forwarded_upstream_returned_and_lo
     assert access_lines(captured_logs())[0]["request_id"] == "caller-id-42"
 
 
-async def test_a_request_without_an_id_gets_a_generated_one_forwarded_returned_and_logged(simulator, start_proxy,
-                                                                                            captured_logs):
+async def test_a_request_without_an_id_gets_a_generated_one_forwarded_returned_and_logged(
+    simulator, start_proxy, captured_logs
+):
     proxy = await start_proxy(sim_config(simulator))
     resp, body = await call(proxy, TENANT_PATH + "/echo")
     generated = resp.headers["X-Request-ID"]
@@ -94,14 +108,19 @@ async def test_a_request_without_an_id_gets_a_generated_one_forwarded_returned_a
     assert [line["request_id"] for line in access_lines(captured_logs())] == [generated, resp2.headers["X-Request-ID"]]
 
 
-async def test_proxy_made_errors_log_their_code_and_the_tenant_the_request_named(simulator, start_proxy,
-                                                                                   captured_logs):
+async def test_proxy_made_errors_log_their_code_and_the_tenant_the_request_named(simulator, start_proxy, captured_logs):
     proxy = await start_proxy(sim_config(simulator))
     cases = [
         ("/crm/v2/tenant/999/customers", {}, 403, "unknown_tenant", "999"),
         ("/anything", {"X-Tenant-ID": "not-digits"}, 400, "invalid_request", None),
         ("/no/tenant/here", {}, 400, "tenant_required", None),
-        (TENANT_PATH + "/customers", {"X-Tenant-ID": T2.tenant_id}, 400, "tenant_mismatch", None),  # names two: none, as in the body
+        (
+            TENANT_PATH + "/customers",
+            {"X-Tenant-ID": T2.tenant_id},
+            400,
+            "tenant_mismatch",
+            None,
+        ),  # names two: none, as in the body
     ]
     for path, headers, status, _, _ in cases:
         resp, _ = await call(proxy, path, headers=headers)
@@ -114,8 +133,9 @@ async def test_proxy_made_errors_log_their_code_and_the_tenant_the_request_named
         assert line["upstream_ms"] is None
 
 
-async def test_an_upstream_error_logs_the_servicetitan_trace_id_and_no_error_code(simulator, start_proxy,
-                                                                                    captured_logs):
+async def test_an_upstream_error_logs_the_servicetitan_trace_id_and_no_error_code(
+    simulator, start_proxy, captured_logs
+):
     proxy = await start_proxy(sim_config(simulator))
     resp, body = await call(proxy, TENANT_PATH + "/customers/99999999")
     assert resp.status == 404
@@ -128,8 +148,10 @@ async def test_an_upstream_error_logs_the_servicetitan_trace_id_and_no_error_cod
 
 # -- lifecycle events --------------------------------------------------------------------------------------------
 
+
 async def test_a_tenant_with_rejected_credentials_logs_one_event_however_many_requests_fail(
-        make_simulator, start_proxy, captured_logs):
+    make_simulator, start_proxy, captured_logs
+):
     sim = await make_simulator()
     wrong = SimTenant(T1.tenant_id, T1.client_id, "cs-wrong")
     proxy = await start_proxy(sim_config(sim, tenants=(wrong, T2)), prewarm=False)
@@ -138,13 +160,15 @@ async def test_a_tenant_with_rejected_credentials_logs_one_event_however_many_re
         assert resp.status == 502
     await settled(proxy)
     events = [line for line in lines(captured_logs()) if "event" in line]
-    assert [(e["event"], e["tenant"], e["error"]) for e in events] == [("token_rejected", T1.tenant_id,
-                                                                        "invalid_client")]
+    assert [(e["event"], e["tenant"], e["error"]) for e in events] == [
+        ("token_rejected", T1.tenant_id, "invalid_client")
+    ]
     assert events[0]["level"] == "warning"
 
 
-async def test_a_failing_token_endpoint_logs_backing_off_once_and_recovery_once(simulator, start_proxy, captured_logs,
-                                                                                clock):
+async def test_a_failing_token_endpoint_logs_backing_off_once_and_recovery_once(
+    simulator, start_proxy, captured_logs, clock
+):
     proxy = await start_proxy(sim_config(simulator), clock=clock, prewarm=False)
     simulator.fail_tokens(503, "maintenance", times=2)
     statuses = []
@@ -162,6 +186,7 @@ async def test_a_failing_token_endpoint_logs_backing_off_once_and_recovery_once(
 
 # -- formats -----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def text_logs():
     stream = io.StringIO()
@@ -178,7 +203,9 @@ async def test_text_format_writes_a_readable_line_per_request(simulator, start_p
     out = text_logs().splitlines()
     assert re.fullmatch(
         rf"\d\d:\d\d:\d\d\.\d{{3}} info    GET {TENANT_PATH}/customers 200 [\d.]+ms request_id=rid-1 "
-        rf"tenant={T1.tenant_id} upstream_ms=[\d.]+ bytes=\d+", out[0])
+        rf"tenant={T1.tenant_id} upstream_ms=[\d.]+ bytes=\d+",
+        out[0],
+    )
     # A decoded path with a newline or a space is quoted: it cannot forge a second line or a field.
     assert re.match(r'\S+ info +GET "/crm/v2/tenant/999/a b\\nfake=line" 403 ', out[1])
     assert "error=unknown_tenant" in out[1]
@@ -187,8 +214,18 @@ async def test_text_format_writes_a_readable_line_per_request(simulator, start_p
 
 
 def test_the_json_formatter_never_lets_a_field_overwrite_time_level_or_logger():
-    record = logging.makeLogRecord({"name": "st_proxy.x", "levelno": 20, "levelname": "INFO", "msg": "hi",
-                                    "time": "forged", "level": "forged", "logger": "forged", "tenant": "1"})
+    record = logging.makeLogRecord(
+        {
+            "name": "st_proxy.x",
+            "levelno": 20,
+            "levelname": "INFO",
+            "msg": "hi",
+            "time": "forged",
+            "level": "forged",
+            "logger": "forged",
+            "tenant": "1",
+        }
+    )
     line = json.loads(logsetup.JsonFormatter().format(record))
     assert line["level"] == "info" and line["logger"] == "st_proxy.x" and line["time"] != "forged"
     assert line["tenant"] == "1" and line["message"] == "hi"
@@ -207,7 +244,8 @@ CALLER_CREDENTIAL = "Bearer caller-QZX7-credential"
 
 
 async def test_secrets_tokens_and_caller_credentials_appear_in_no_log_line_and_no_metric(
-        make_simulator, start_proxy, captured_logs, clock):
+    make_simulator, start_proxy, captured_logs, clock
+):
     tenant = SimTenant("3000001", "cid.distinct", SECRET)
     sim = await make_simulator(tenants=[tenant], app_keys=[APP_KEY])
     proxy = await start_proxy(sim_config(sim, tenants=(tenant,), app_key={"value": APP_KEY}), clock=clock)
@@ -232,28 +270,46 @@ async def test_secrets_tokens_and_caller_credentials_appear_in_no_log_line_and_n
 
 # -- the real process: `st-proxy serve` --------------------------------------------------------------------------
 
+
 async def _serve(tmp_path: Path, sim, *args: str) -> asyncio.subprocess.Process:
     config = {
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
         "app_key": {"env": "OBS_TEST_APP_KEY"},  # env references: a literal would add a config warning line
         "environments": {"sim": {"auth_url": sim.auth_url, "api_url": sim.base_url}},
-        "tenants": {t.tenant_id: {"environment": "sim", "client_id": t.client_id,
-                                  "client_secret": {"env": f"OBS_TEST_SECRET_{t.tenant_id}"}} for t in (T1, T2)},
+        "tenants": {
+            t.tenant_id: {
+                "environment": "sim",
+                "client_id": t.client_id,
+                "client_secret": {"env": f"OBS_TEST_SECRET_{t.tenant_id}"},
+            }
+            for t in (T1, T2)
+        },
         "shutdown": {"drain_seconds": 0, "timeout_seconds": 5},
     }
     path = tmp_path / "proxy.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ST_")}
-    env.update({"OBS_TEST_APP_KEY": DEMO_APP_KEY, **{f"OBS_TEST_SECRET_{t.tenant_id}": t.client_secret for t in (T1, T2)}})
+    env.update(
+        {"OBS_TEST_APP_KEY": DEMO_APP_KEY, **{f"OBS_TEST_SECRET_{t.tenant_id}": t.client_secret for t in (T1, T2)}}
+    )
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve", "--config", str(path), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        sys.executable,
+        "-m",
+        "st_proxy",
+        "serve",
+        "--config",
+        str(path),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
 
 
 async def _read_until(proc: asyncio.subprocess.Process, seen: list[str], predicate) -> str:
     """Read stdout lines into ``seen`` until one matches; bounded by a timeout."""
+
     async def loop() -> str:
         while True:
             raw = await proc.stdout.readline()
@@ -320,5 +376,8 @@ async def test_serve_with_text_format_and_warning_level_prints_only_warnings_as_
     assert code == 0, err
     out = [line for line in "".join(seen).splitlines() if line]
     assert len(out) == 1, out  # no info lines: not start, not ready, not shutdown
-    assert re.fullmatch(rf"\d\d:\d\d:\d\d\.\d{{3}} warning tenant {T2.tenant_id}: token endpoint rejected the "
-                        rf"credentials \(invalid_client\).* tenant={T2.tenant_id} error=invalid_client", out[0])
+    assert re.fullmatch(
+        rf"\d\d:\d\d:\d\d\.\d{{3}} warning tenant {T2.tenant_id}: token endpoint rejected the "
+        rf"credentials \(invalid_client\).* tenant={T2.tenant_id} error=invalid_client",
+        out[0],
+    )

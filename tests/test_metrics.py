@@ -11,14 +11,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from conftest import sim_config
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import sim_config
-from proxy import __version__
-from proxy.config import from_mapping
-from proxy.metrics import METHODS, REQUEST_BUCKETS, TOKEN_BUCKETS, Metrics
-from proxy.simulator import DEMO_APP_KEY, SimTenant
+from st_proxy import __version__
+from st_proxy.config import from_mapping
+from st_proxy.devtools.simulator import DEMO_APP_KEY, SimTenant
+from st_proxy.ops.metrics import METHODS, REQUEST_BUCKETS, TOKEN_BUCKETS, Metrics
 
 OK, REJECTED, REFUSED, RESET, SILENT = "2000001", "2000002", "2000003", "2000004", "2000005"
 TENANTS = (OK, REJECTED, REFUSED, RESET, SILENT)
@@ -102,7 +102,7 @@ async def broken_upstreams() -> AsyncIterator[BrokenUpstreams]:
         refused_port = s.getsockname()[1]
 
     def url(server: asyncio.Server) -> str:
-        return "http://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
     yield BrokenUpstreams(f"http://127.0.0.1:{refused_port}", url(reset), url(silent))
     for writer in writers:
@@ -114,6 +114,7 @@ async def broken_upstreams() -> AsyncIterator[BrokenUpstreams]:
 
 def mixed_config(sim, broken: BrokenUpstreams, **overrides: Any):
     """Five tenants: one healthy, one whose secret the token endpoint refuses, three on broken API hosts."""
+
     def env(api_url: str) -> dict[str, str]:
         return {"auth_url": sim.auth_url, "api_url": api_url}
 
@@ -121,8 +122,12 @@ def mixed_config(sim, broken: BrokenUpstreams, **overrides: Any):
     secret[REJECTED] = "cs-not-what-the-simulator-knows"
     raw = {
         "app_key": {"value": DEMO_APP_KEY},
-        "environments": {"sim": env(sim.base_url), "refused": env(broken.refused), "reset": env(broken.reset),
-                         "silent": env(broken.silent)},
+        "environments": {
+            "sim": env(sim.base_url),
+            "refused": env(broken.refused),
+            "reset": env(broken.reset),
+            "silent": env(broken.silent),
+        },
         "tenants": {
             t: {"environment": e, "client_id": f"cid.{t}", "client_secret": {"value": secret[t]}}
             for t, e in ((OK, "sim"), (REJECTED, "sim"), (REFUSED, "refused"), (RESET, "reset"), (SILENT, "silent"))
@@ -155,6 +160,7 @@ def api(tenant: str, rest: str = "customers") -> str:
 
 
 # -- the shape ---------------------------------------------------------------------------------------------------
+
 
 async def test_every_design_metric_is_exposed_with_its_type_and_labels_and_nothing_else(simulator, start_proxy):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
@@ -214,14 +220,19 @@ async def test_created_series_are_left_out_of_the_exposition(simulator, start_pr
     assert "st_proxy_requests_total{" in text
     assert "_created" not in text
     # The registry itself still has them: only the view served on /metrics drops them (no process-wide switch).
-    assert proxy.registry.get_sample_value("st_proxy_requests_created", {"tenant": "1000001", "method": "GET",
-                                                                          "code": "200"}) is not None
+    assert (
+        proxy.registry.get_sample_value(
+            "st_proxy_requests_created", {"tenant": "1000001", "method": "GET", "code": "200"}
+        )
+        is not None
+    )
 
 
 async def test_metrics_can_be_asked_for_by_name(simulator, start_proxy):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
-    async with proxy.session.get(proxy.admin_url + "/metrics", params={"name[]": "st_proxy_build_info"},
-                                 headers={"Accept-Encoding": "identity"}) as resp:
+    async with proxy.session.get(
+        proxy.admin_url + "/metrics", params={"name[]": "st_proxy_build_info"}, headers={"Accept-Encoding": "identity"}
+    ) as resp:
         scrape = Scrape(await resp.text())
     assert set(scrape.families) == {"st_proxy_build_info"}
 
@@ -235,6 +246,7 @@ async def test_metrics_are_gzip_compressed_for_a_scraper_that_asks_for_it(simula
 
 
 # -- bounded labels ----------------------------------------------------------------------------------------------
+
 
 async def test_requests_naming_unconfigured_tenants_or_garbage_add_no_label_values(simulator, start_proxy):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
@@ -294,6 +306,7 @@ def test_expiry_gauge_is_computed_at_scrape_time_from_the_clock(clock):
 
 # -- exact values after a scripted mix of traffic ----------------------------------------------------------------
 
+
 async def test_every_metric_matches_a_scripted_mix_of_traffic(mixed, clock):
     sim, proxy = mixed
     sent: list[int] = []
@@ -334,13 +347,23 @@ async def test_every_metric_matches_a_scripted_mix_of_traffic(mixed, clock):
 
     await settled(proxy)
     s = Scrape(await scrape_text(proxy))
-    requests = {(x["tenant"], x["method"], x["code"]): s.value("st_proxy_requests_total", **x)
-                for x in s.series("st_proxy_requests_total")}
+    requests = {
+        (x["tenant"], x["method"], x["code"]): s.value("st_proxy_requests_total", **x)
+        for x in s.series("st_proxy_requests_total")
+    }
     assert requests == {
-        (OK, "GET", "200"): 6, (OK, "POST", "201"): 1, (OK, "GET", "404"): 1, (OK, "GET", "400"): 1,
+        (OK, "GET", "200"): 6,
+        (OK, "POST", "201"): 1,
+        (OK, "GET", "404"): 1,
+        (OK, "GET", "400"): 1,
         (OK, "GET", "503"): 1,
-        (REJECTED, "GET", "502"): 2, (REFUSED, "GET", "502"): 2, (RESET, "GET", "502"): 1, (SILENT, "GET", "504"): 1,
-        ("none", "GET", "403"): 2, ("none", "other", "403"): 1, ("none", "GET", "400"): 2,
+        (REJECTED, "GET", "502"): 2,
+        (REFUSED, "GET", "502"): 2,
+        (RESET, "GET", "502"): 1,
+        (SILENT, "GET", "504"): 1,
+        ("none", "GET", "403"): 2,
+        ("none", "other", "403"): 1,
+        ("none", "GET", "400"): 2,
     }
     assert sum(requests.values()) == len(sent)
     per_tenant = {OK: 10, REJECTED: 2, REFUSED: 2, RESET: 1, SILENT: 1, "none": 5}
@@ -348,15 +371,28 @@ async def test_every_metric_matches_a_scripted_mix_of_traffic(mixed, clock):
         assert s.value("st_proxy_request_duration_seconds_count", tenant=tenant) == count
         assert s.value("st_proxy_request_duration_seconds_bucket", tenant=tenant, le="+Inf") == count
         assert s.value("st_proxy_request_duration_seconds_sum", tenant=tenant) > 0
-    errors = {(t, k): s.value("st_proxy_upstream_errors_total", tenant=t, kind=k)
-              for t in TENANTS for k in ("connect", "timeout", "reset")}
-    assert {key: v for key, v in errors.items() if v} == {(REFUSED, "connect"): 2, (RESET, "reset"): 1,
-                                                           (SILENT, "timeout"): 1}
-    fetches = {(t, o): s.value("st_proxy_token_fetches_total", tenant=t, outcome=o)
-               for t in TENANTS for o in ("success", "rejected", "error")}
+    errors = {
+        (t, k): s.value("st_proxy_upstream_errors_total", tenant=t, kind=k)
+        for t in TENANTS
+        for k in ("connect", "timeout", "reset")
+    }
+    assert {key: v for key, v in errors.items() if v} == {
+        (REFUSED, "connect"): 2,
+        (RESET, "reset"): 1,
+        (SILENT, "timeout"): 1,
+    }
+    fetches = {
+        (t, o): s.value("st_proxy_token_fetches_total", tenant=t, outcome=o)
+        for t in TENANTS
+        for o in ("success", "rejected", "error")
+    }
     assert {key: v for key, v in fetches.items() if v} == {
-        (OK, "success"): 3, (OK, "error"): 1, (REJECTED, "rejected"): 1,
-        (REFUSED, "success"): 1, (RESET, "success"): 1, (SILENT, "success"): 1,
+        (OK, "success"): 3,
+        (OK, "error"): 1,
+        (REJECTED, "rejected"): 1,
+        (REFUSED, "success"): 1,
+        (RESET, "success"): 1,
+        (SILENT, "success"): 1,
     }
     assert sum(fetches.values()) == sim.token_requests
     for tenant in TENANTS:
@@ -364,10 +400,20 @@ async def test_every_metric_matches_a_scripted_mix_of_traffic(mixed, clock):
         assert s.value("st_proxy_token_fetch_duration_seconds_count", tenant=tenant) == count
         assert s.value("st_proxy_token_fetch_duration_seconds_bucket", tenant=tenant, le="+Inf") == count
     assert {t: s.value("st_proxy_token_replays_total", tenant=t) for t in TENANTS} == {
-        OK: 1, REJECTED: 0, REFUSED: 0, RESET: 0, SILENT: 0}
+        OK: 1,
+        REJECTED: 0,
+        REFUSED: 0,
+        RESET: 0,
+        SILENT: 0,
+    }
     # The healthy tenant's token was fetched just now (the clock has not moved since); the others have none usable.
     assert {t: s.value("st_proxy_token_expires_in_seconds", tenant=t) for t in TENANTS} == {
-        OK: TTL, REJECTED: 0, REFUSED: 0, RESET: 0, SILENT: 0}
+        OK: TTL,
+        REJECTED: 0,
+        REFUSED: 0,
+        RESET: 0,
+        SILENT: 0,
+    }
     assert s.value("st_proxy_in_flight_requests") == 0
     assert s.value("st_proxy_config_reloads_total", result="success") == 0
     assert s.value("st_proxy_config_reloads_total", result="failure") == 0
@@ -385,7 +431,6 @@ async def test_scraping_the_admin_port_is_not_counted_as_data_plane_traffic(mixe
         await scrape_text(proxy)
     scrape = Scrape(await scrape_text(proxy))
     assert scrape.series("st_proxy_requests_total") == []
-    async with aiohttp.ClientSession() as session:
-        async with session.get(proxy.admin_url + "/healthz") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as session, session.get(proxy.admin_url + "/healthz") as resp:
+        assert resp.status == 200
     assert Scrape(await scrape_text(proxy)).series("st_proxy_requests_total") == []

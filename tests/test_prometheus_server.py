@@ -16,9 +16,23 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-
-from test_deploy_observability import ALERTS, alert_rules, as_plain_promql, dashboard_exprs, prometheus_binary
-from test_metrics import OK, REJECTED, TENANTS, TTL, api, broken_upstreams, mixed, settled  # noqa: F401 (fixtures)
+from test_deploy_observability import (
+    ALERTS,
+    alert_rules,
+    as_plain_promql,
+    dashboard_exprs,
+    prometheus_binary,
+)
+from test_metrics import (  # noqa: F401 (fixtures)
+    OK,
+    REJECTED,
+    TENANTS,
+    TTL,
+    api,
+    broken_upstreams,
+    mixed,
+    settled,
+)
 
 DEADLINE = 60.0  # seconds; Prometheus starts in one or two and scrapes every second
 
@@ -78,8 +92,12 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[
         log = tmp_path / "prometheus.log"
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
-                binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}", stdout=out, stderr=out,
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                stdout=out,
+                stderr=out,
             )
         server = Prometheus(f"http://127.0.0.1:{port}", proc, log, session)
         started.append(server)
@@ -91,7 +109,7 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[
             server.proc.terminate()
             try:
                 await asyncio.wait_for(server.proc.wait(), timeout=20)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 server.proc.kill()
                 await server.proc.wait()
     await session.close()
@@ -124,14 +142,17 @@ async def test_a_real_prometheus_scraping_the_admin_port_counts_every_request_se
         return bool(result) and float(result[0]["value"][1]) == sum(sent.values())
 
     await prom.wait_for("sum(st_proxy_requests_total) to equal the requests sent", total_arrived)
-    by_tenant = {r["metric"]["tenant"]: float(r["value"][1])
-                 for r in await prom.query("sum by (tenant) (st_proxy_requests_total)")}
+    by_tenant = {
+        r["metric"]["tenant"]: float(r["value"][1])
+        for r in await prom.query("sum by (tenant) (st_proxy_requests_total)")
+    }
     assert by_tenant == sent
     [up] = await prom.query('up{job="st-proxy"}')
     assert up["value"][1] == "1" and up["metric"]["instance"] == _target(proxy)
     # The scrape-time expiry gauge as Prometheus stored it: the proxy's clock has not moved since the prewarm.
-    expiry = {r["metric"]["tenant"]: float(r["value"][1])
-              for r in await prom.query("st_proxy_token_expires_in_seconds")}
+    expiry = {
+        r["metric"]["tenant"]: float(r["value"][1]) for r in await prom.query("st_proxy_token_expires_in_seconds")
+    }
     assert expiry == {t: (0 if t == REJECTED else TTL) for t in TENANTS}  # the rejected tenant has none
 
 
@@ -153,8 +174,10 @@ async def test_a_real_prometheus_evaluates_every_alert_rule_and_flags_the_reject
 
     async def rejected_tenant_flagged() -> bool:
         alerts = (await prom.api("/api/v1/alerts"))["alerts"]
-        return any(a["labels"]["alertname"] == "STProxyTenantCredentialsRejected"
-                   and a["labels"]["tenant"] == REJECTED for a in alerts)
+        return any(
+            a["labels"]["alertname"] == "STProxyTenantCredentialsRejected" and a["labels"]["tenant"] == REJECTED
+            for a in alerts
+        )
 
     await prom.wait_for("the credentials alert for the rejected tenant", rejected_tenant_flagged)
     alerts = (await prom.api("/api/v1/alerts"))["alerts"]

@@ -20,9 +20,9 @@ from conftest import T1, T2
 from prometheus_client.parser import text_string_to_metric_families
 from serve_process import ServeProcess, poll_until
 
-from proxy.config import load_file
-from proxy.reload import Reloader, referenced_files
-from proxy.simulator import DEMO_APP_KEY, SimTenant
+from st_proxy.config import load_file
+from st_proxy.devtools.simulator import DEMO_APP_KEY, SimTenant
+from st_proxy.server.reload import Reloader, referenced_files
 
 T3 = SimTenant("1000003", "cid.demo3", "cs1.demo-secret-3")
 SECRETS = (DEMO_APP_KEY, T1.client_secret, T2.client_secret, T3.client_secret)
@@ -81,8 +81,11 @@ def config_doc(sim, tenants, secret_dir: Path, **extra) -> dict:
         "app_key": {"file": str(secret_dir / "app_key")},
         "environments": {"sim": {"auth_url": sim.auth_url, "api_url": sim.base_url}},
         "tenants": {
-            t.tenant_id: {"environment": "sim", "client_id": t.client_id,
-                          "client_secret": {"file": str(secret_dir / f"{t.tenant_id}.client_secret")}}
+            t.tenant_id: {
+                "environment": "sim",
+                "client_id": t.client_id,
+                "client_secret": {"file": str(secret_dir / f"{t.tenant_id}.client_secret")},
+            }
             for t in tenants
         },
         **extra,
@@ -120,8 +123,13 @@ async def plain(tmp_path, simulator, start_proxy):
     """A proxy whose config and secrets are plain files in tmp_path, with a Reloader on it."""
     path, secrets = write_plain_files(tmp_path, simulator)
     proxy = await start_proxy(load_file(path, {}))
-    reloader = Reloader(proxy.runtime.holder, proxy.runtime.metrics, tokens=lambda: proxy.runtime.tokens,
-                        load=lambda: load_file(path, {}), poll_seconds=0)
+    reloader = Reloader(
+        proxy.runtime.holder,
+        proxy.runtime.metrics,
+        tokens=lambda: proxy.runtime.tokens,
+        load=lambda: load_file(path, {}),
+        poll_seconds=0,
+    )
     yield proxy, reloader, path, secrets
     await reloader.close()
 
@@ -134,8 +142,13 @@ async def kube(tmp_path, simulator, start_proxy):
     config_volume.update({"config.yaml": yaml.safe_dump(config_doc(simulator, [T1, T2], secret_volume.root))})
     path = config_volume.path("config.yaml")
     proxy = await start_proxy(load_file(path, {}))
-    reloader = Reloader(proxy.runtime.holder, proxy.runtime.metrics, tokens=lambda: proxy.runtime.tokens,
-                        load=lambda: load_file(path, {}), poll_seconds=0)
+    reloader = Reloader(
+        proxy.runtime.holder,
+        proxy.runtime.metrics,
+        tokens=lambda: proxy.runtime.tokens,
+        load=lambda: load_file(path, {}),
+        poll_seconds=0,
+    )
     yield proxy, reloader, config_volume, secret_volume
     await reloader.close()
 
@@ -240,13 +253,15 @@ BROKEN = {
     "bad YAML": lambda doc: "tenants: {unclosed\n  - " + DEMO_APP_KEY,
     "failed validation": lambda doc: yaml.safe_dump({**doc, "tenants": {"12ab": {}}, "tokenz": {}}),
     "missing secret file": lambda doc: yaml.safe_dump(
-        {**doc, "app_key": {"file": doc["app_key"]["file"] + ".missing"}}),
+        {**doc, "app_key": {"file": doc["app_key"]["file"] + ".missing"}}
+    ),
 }
 
 
 @pytest.mark.parametrize("breakage", list(BROKEN), ids=list(BROKEN))
-async def test_an_invalid_config_is_logged_counted_and_the_old_one_keeps_serving(plain, simulator, breakage,
-                                                                                 captured_logs):
+async def test_an_invalid_config_is_logged_counted_and_the_old_one_keeps_serving(
+    plain, simulator, breakage, captured_logs
+):
     proxy, reloader, path, secrets = plain
     old = proxy.runtime.holder.current
     write_atomic(path, BROKEN[breakage](config_doc(simulator, [T1], secrets)))
@@ -275,11 +290,19 @@ async def test_every_validation_problem_is_named_on_the_failure_line(plain, simu
 
 
 async def test_listen_addresses_and_other_start_up_settings_cannot_change_at_reload_and_the_log_says_so(
-        plain, simulator, captured_logs):
+    plain, simulator, captured_logs
+):
     proxy, reloader, path, secrets = plain
     before = proxy.runtime.holder.current
-    doc = config_doc(simulator, [T1], secrets, listen="127.0.0.1:18080", admin_listen="127.0.0.1:19090",
-                     upstream={"max_connections": 7}, routing={"tenant_header": "X-Customer"})
+    doc = config_doc(
+        simulator,
+        [T1],
+        secrets,
+        listen="127.0.0.1:18080",
+        admin_listen="127.0.0.1:19090",
+        upstream={"max_connections": 7},
+        routing={"tenant_header": "X-Customer"},
+    )
     write_atomic(path, yaml.safe_dump(doc))
     assert await reloader.check_now() is True
 
@@ -324,15 +347,14 @@ async def child(tmp_path, simulator) -> AsyncIterator:
     proc = await ServeProcess.start(path)
     yield proc, path, secrets
     await proc.close()
-    assert not any(secret in proc.output() for secret in SECRETS + ("cs1.demo-secret-X",))
+    assert not any(secret in proc.output() for secret in (*SECRETS, "cs1.demo-secret-X"))
 
 
 async def _get(url: str, **kwargs) -> tuple[int, str]:
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, **kwargs) as resp:
-            return resp.status, await resp.text()
+    async with aiohttp.ClientSession() as session, session.get(url, **kwargs) as resp:
+        return resp.status, await resp.text()
 
 
 async def test_sighup_makes_a_running_proxy_serve_an_added_tenant_and_refuse_a_removed_one(child, simulator):
@@ -400,10 +422,18 @@ async def test_a_running_proxy_notices_a_changed_file_without_a_signal(child, si
 
 
 async def test_sighup_to_a_proxy_in_no_file_mode_logs_that_there_is_nothing_to_re_read(simulator, tmp_path):
-    env = {"ST_APP_KEY": DEMO_APP_KEY, "ST_TENANT_ID": T1.tenant_id, "ST_CLIENT_ID": T1.client_id,
-           "ST_CLIENT_SECRET": T1.client_secret, "ST_AUTH_URL": simulator.auth_url, "ST_API_URL": simulator.base_url,
-           "ST_PROXY_LISTEN": "127.0.0.1:0", "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0", "ST_PROXY_CONFIG": ""}
-    proc = await ServeProcess.start(tmp_path, command=[sys.executable, "-m", "proxy", "serve"], env=env)
+    env = {
+        "ST_APP_KEY": DEMO_APP_KEY,
+        "ST_TENANT_ID": T1.tenant_id,
+        "ST_CLIENT_ID": T1.client_id,
+        "ST_CLIENT_SECRET": T1.client_secret,
+        "ST_AUTH_URL": simulator.auth_url,
+        "ST_API_URL": simulator.base_url,
+        "ST_PROXY_LISTEN": "127.0.0.1:0",
+        "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
+        "ST_PROXY_CONFIG": "",
+    }
+    proc = await ServeProcess.start(tmp_path, command=[sys.executable, "-m", "st_proxy", "serve"], env=env)
     try:
         assert proc.with_event("start")[0]["watching"] == []
         proc.send(signal.SIGHUP)

@@ -10,7 +10,6 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
-
 from conftest import T1, T2, sim_config
 from test_tokens import echo, get, metrics
 
@@ -81,9 +80,16 @@ async def refusing_api(aiohttp_server):
     async def refuse(request: web.Request) -> web.Response:
         await request.read()
         calls.append(request.headers["Authorization"])
-        return web.json_response({"type": "https://tools.ietf.org/html/rfc7235#section-3.1", "title": "Unauthorized",
-                                  "status": 401, "traceId": "trace-1"}, status=401,
-                                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return web.json_response(
+            {
+                "type": "https://tools.ietf.org/html/rfc7235#section-3.1",
+                "title": "Unauthorized",
+                "status": 401,
+                "traceId": "trace-1",
+            },
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", refuse)
@@ -92,7 +98,8 @@ async def refusing_api(aiohttp_server):
 
 
 async def test_a_second_401_goes_back_to_the_caller_and_does_not_hammer_the_token_endpoint(
-        simulator, refusing_api, start_proxy, clock):
+    simulator, refusing_api, start_proxy, clock
+):
     api_url, calls = refusing_api
     proxy = await start_proxy(sim_config(simulator, api_url=api_url), clock=clock, prewarm=False)
     status, headers, body = await get(proxy)
@@ -139,8 +146,7 @@ async def test_a_chunked_upload_of_unknown_length_is_not_replayed(simulator, sta
     assert await replays(proxy) == (0, 0)
 
 
-async def test_a_replay_whose_new_token_is_refused_by_the_token_endpoint_answers_token_rejected(simulator,
-                                                                                              start_proxy):
+async def test_a_replay_whose_new_token_is_refused_by_the_token_endpoint_answers_token_rejected(simulator, start_proxy):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
     await echo(proxy)
     simulator.revoke_tokens()
@@ -158,11 +164,20 @@ async def broken_401_api():
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
-                     + b'{"title": "Unauthorized", "pad": "' + b"x" * 100_000)
+        writer.write(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: 200000\r\n\r\n"
+            + b'{"title": "Unauthorized", "pad": "'
+            + b"x" * 100_000
+        )
         await writer.drain()
         writer.close()
 
@@ -174,7 +189,8 @@ async def broken_401_api():
 
 
 async def test_a_large_401_that_breaks_off_is_cut_off_for_the_caller_not_turned_into_a_500(
-        simulator, broken_401_api, start_proxy):
+    simulator, broken_401_api, start_proxy
+):
     # The body is not kept for a replay (limit 0), so the 401 goes back to the caller; the upstream hangs up mid-body.
     config = sim_config(simulator, api_url=broken_401_api, tokens={"replay_body_limit_bytes": 0})
     proxy = await start_proxy(config, prewarm=False)

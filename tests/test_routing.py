@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import T1, T2, sim_config
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from conftest import T1, T2, sim_config
-from proxy.config import RoutingConfig
-from proxy.errors import RequestError, TenantMismatch, TenantRequired
-from proxy.routing import resolve_tenant, tenant_from_header, tenant_from_path
+from st_proxy.config import RoutingConfig
+from st_proxy.errors import RequestError, TenantMismatch, TenantRequired
+from st_proxy.http.routing import resolve_tenant, tenant_from_header, tenant_from_path
 
 ROUTING = RoutingConfig()  # X-Tenant-ID, no default
 
@@ -160,8 +160,9 @@ async def test_the_default_tenant_serves_requests_that_name_none(simulator, star
         ("/crm/v2/customers", {"X-Tenant-ID": "999"}, 403, "unknown_tenant", "999"),
     ],
 )
-async def test_routing_errors_are_problem_responses_with_their_code(simulator, start_proxy, path, sent, status, code,
-                                                                     tenant):
+async def test_routing_errors_are_problem_responses_with_their_code(
+    simulator, start_proxy, path, sent, status, code, tenant
+):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
     ids = {"t1": T1.tenant_id, "t2": T2.tenant_id}
     request_headers = {k: v.format(**ids) for k, v in sent.items()}

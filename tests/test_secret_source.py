@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.secret_source import Secret, SecretError, SecretRef, parse_ref, resolve
+from st_proxy.config.secrets import Secret, SecretError, SecretRef, parse_ref, resolve
 
 VALUE = "cs1.distinctive-secret-QX7"
 
@@ -90,8 +90,17 @@ def test_a_file_that_is_not_utf8_is_an_error_without_its_bytes(tmp_path):
 def test_no_representation_of_a_secret_shows_its_value():
     secret = resolve(parse_ref(VALUE), {})
     literal_ref = parse_ref({"value": VALUE})
-    shown = [repr(secret), str(secret), f"{secret}", f"{secret!r}", repr(literal_ref), str(literal_ref),
-             literal_ref.describe(), secret.source, secret.fingerprint()]
+    shown = [
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r}",
+        repr(literal_ref),
+        str(literal_ref),
+        literal_ref.describe(),
+        secret.source,
+        secret.fingerprint(),
+    ]
     for text in shown:
         assert VALUE not in text
         assert "QX7" not in text

@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from proxy.config import from_mapping
-from proxy.simulator import SimTenant
+from st_proxy.config import from_mapping
+from st_proxy.devtools.simulator import SimTenant
 
 APP_KEY = "ak1.LEAKCHECK-appkey-7a9e31"
 OTHER_APP_KEY = "ak1.LEAKCHECK-override-55e1c0"  # a per-tenant override the simulator does not know: upstream 401
@@ -40,15 +40,22 @@ async def test_no_secret_or_token_appears_in_logs_metrics_or_answers(
     make_simulator, start_proxy, captured_logs, dead_port
 ):
     sim = await make_simulator(tenants=(GOOD, REJECTED, WRONG_KEY, DOWN), app_keys=(APP_KEY,))
-    config = from_mapping({
-        "app_key": {"value": APP_KEY},
-        "environments": {"sim": {"auth_url": sim.auth_url, "api_url": sim.base_url},
-                         "down": {"auth_url": sim.auth_url, "api_url": f"http://127.0.0.1:{dead_port}"}},
-        "tenants": {GOOD.tenant_id: tenant(GOOD, "sim"),
-                    REJECTED.tenant_id: tenant(REJECTED, "sim", secret=WRONG_SECRET),
-                    WRONG_KEY.tenant_id: tenant(WRONG_KEY, "sim", app_key=OTHER_APP_KEY),
-                    DOWN.tenant_id: tenant(DOWN, "down")},
-    }, {})
+    config = from_mapping(
+        {
+            "app_key": {"value": APP_KEY},
+            "environments": {
+                "sim": {"auth_url": sim.auth_url, "api_url": sim.base_url},
+                "down": {"auth_url": sim.auth_url, "api_url": f"http://127.0.0.1:{dead_port}"},
+            },
+            "tenants": {
+                GOOD.tenant_id: tenant(GOOD, "sim"),
+                REJECTED.tenant_id: tenant(REJECTED, "sim", secret=WRONG_SECRET),
+                WRONG_KEY.tenant_id: tenant(WRONG_KEY, "sim", app_key=OTHER_APP_KEY),
+                DOWN.tenant_id: tenant(DOWN, "down"),
+            },
+        },
+        {},
+    )
     proxy = await start_proxy(config)
     answers: list[str] = []
 
@@ -82,8 +89,14 @@ async def test_no_secret_or_token_appears_in_logs_metrics_or_answers(
 
     assert len(sim.issued_tokens) >= 4  # GOOD twice, WRONG_KEY, DOWN: there were tokens to leak
     assert "token_rejected" in produced and "upstream_unreachable" in produced  # the error paths did run
-    secrets = [APP_KEY, OTHER_APP_KEY, WRONG_SECRET, CALLER_TOKEN,
-               *(t.client_secret for t in (GOOD, REJECTED, WRONG_KEY, DOWN)), *sim.issued_tokens]
+    secrets = [
+        APP_KEY,
+        OTHER_APP_KEY,
+        WRONG_SECRET,
+        CALLER_TOKEN,
+        *(t.client_secret for t in (GOOD, REJECTED, WRONG_KEY, DOWN)),
+        *sim.issued_tokens,
+    ]
     for secret in secrets:
         assert secret not in produced, f"a secret leaked: {secret[:12]}..."
     # A JWT's signature alone is secret enough: no fragment of any token either.

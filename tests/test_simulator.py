@@ -14,7 +14,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.simulator import (
+from st_proxy.devtools.simulator import (
     DEMO_APP_KEY,
     DEMO_TENANTS,
     SimTenant,
@@ -104,8 +104,9 @@ async def test_client_secret_basic_decodes_form_encoded_credentials(simulator, s
     sim = await simulator(tenants=[odd])
     # RFC 6749 section 2.3.1: each part is form-urlencoded, then joined with ":" and base64-encoded.
     basic = base64.b64encode(f"{quote_plus(odd.client_id)}:{quote_plus(odd.client_secret)}".encode()).decode()
-    async with session.post(sim.auth_url, data={"grant_type": "client_credentials"},
-                            headers={"Authorization": f"Basic {basic}"}) as resp:
+    async with session.post(
+        sim.auth_url, data={"grant_type": "client_credentials"}, headers={"Authorization": f"Basic {basic}"}
+    ) as resp:
         body = await resp.json()
     assert resp.status == 200
     assert claims_of(body["access_token"])["tenant"] == "42"
@@ -114,8 +115,10 @@ async def test_client_secret_basic_decodes_form_encoded_credentials(simulator, s
 
 async def test_wrong_secret_is_invalid_client_without_echoing_the_secret(simulator, session):
     sim = await simulator()
-    async with session.post(sim.auth_url, data={"grant_type": "client_credentials", "client_id": T1.client_id,
-                                                "client_secret": "cs1.wrong-guess"}) as resp:
+    async with session.post(
+        sim.auth_url,
+        data={"grant_type": "client_credentials", "client_id": T1.client_id, "client_secret": "cs1.wrong-guess"},
+    ) as resp:
         text = await resp.text()
     assert resp.status == 400
     assert json.loads(text)["error"] == "invalid_client"
@@ -210,8 +213,9 @@ async def test_a_valid_token_gets_a_paged_list(simulator, session):
 async def test_the_last_page_has_no_more_and_include_total_counts(simulator, session):
     sim = await simulator()
     token = await token_for(session, sim)
-    status, body, _ = await call(session, sim, "/crm/v2/tenant/1000001/customers?page=3&pageSize=50&includeTotal=true",
-                                 token)
+    status, body, _ = await call(
+        session, sim, "/crm/v2/tenant/1000001/customers?page=3&pageSize=50&includeTotal=true", token
+    )
     assert status == 200
     assert (body["hasMore"], body["totalCount"], len(body["data"])) == (False, 120, 20)
     assert body["data"][0] == {"id": 101, "name": "customers 101"}
@@ -309,8 +313,9 @@ async def test_echo_reports_the_raw_path_duplicate_headers_and_body_hash(simulat
     token = await token_for(session, sim)
     raw = "/crm/v2/tenant/1000001/echo/a%2Fb%20c?q=a%20b&q=%2F&plus=+&tilde=%7E"
     body = os.urandom(3 * 1024 * 1024 + 17)
-    headers = CIMultiDict([("ST-App-Key", DEMO_APP_KEY), ("Authorization", f"Bearer {token}"),
-                                           ("X-Dup", "one"), ("X-Dup", "two")])
+    headers = CIMultiDict(
+        [("ST-App-Key", DEMO_APP_KEY), ("Authorization", f"Bearer {token}"), ("X-Dup", "one"), ("X-Dup", "two")]
+    )
     url = URL(f"{sim.base_url}{raw}", encoded=True)  # encoded=True: yarl must not requote the path
     async with session.put(url, data=io.BytesIO(body), headers=headers) as resp:
         echo = await resp.json()
@@ -337,8 +342,9 @@ async def test_redirect_answers_302_and_setcookie_sets_a_cookie(simulator, sessi
     sim = await simulator()
     token = await token_for(session, sim)
     headers = {"ST-App-Key": DEMO_APP_KEY, "Authorization": f"Bearer {token}"}
-    async with session.get(f"{sim.base_url}/crm/v2/tenant/1000001/redirect", headers=headers,
-                           allow_redirects=False) as resp:
+    async with session.get(
+        f"{sim.base_url}/crm/v2/tenant/1000001/redirect", headers=headers, allow_redirects=False
+    ) as resp:
         assert resp.status == 302 and resp.headers["Location"].startswith("https://")
     async with session.get(f"{sim.base_url}/crm/v2/tenant/1000001/setcookie", headers=headers) as resp:
         assert resp.status == 200 and "Set-Cookie" in resp.headers
@@ -383,12 +389,15 @@ def test_parse_tenant_spec_keeps_colons_in_the_secret():
     assert parse_tenant_spec("123:cid.x:cs1.a:b") == SimTenant("123", "cid.x", "cs1.a:b")
 
 
-@pytest.mark.parametrize(("spec", "problem"), [
-    ("cs1.only-a-secret", "three parts"),
-    ("abc:cid.x:cs1.topsecret", "tenant id must be digits"),
-    ("123::cs1.topsecret", "client id is empty"),
-    ("123:cid.x:", "client secret is empty"),
-])
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("cs1.only-a-secret", "three parts"),
+        ("abc:cid.x:cs1.topsecret", "tenant id must be digits"),
+        ("123::cs1.topsecret", "client id is empty"),
+        ("123:cid.x:", "client secret is empty"),
+    ],
+)
 def test_parse_tenant_spec_rejects_bad_input_without_naming_the_secret(spec, problem):
     with pytest.raises(ValueError, match="ID:CLIENT_ID:SECRET") as info:
         parse_tenant_spec(spec)

@@ -17,11 +17,11 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import T1, sim_config
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from conftest import T1, sim_config
-from proxy.app import create_app
+from st_proxy.server.app import create_app
 
 MiB = 2**20
 CHUNKS = 50  # 50 MiB each way
@@ -58,9 +58,12 @@ class Upstream:
         except (ConnectionError, web.RequestPayloadError):  # the upload was cut off on the way
             self.upload = {"broken_after": length}
             raise
-        self.upload = {"sha256": digest.hexdigest(), "length": length,
-                       "content_length": request.headers.get("Content-Length"),
-                       "transfer_encoding": request.headers.get("Transfer-Encoding")}
+        self.upload = {
+            "sha256": digest.hexdigest(),
+            "length": length,
+            "content_length": request.headers.get("Content-Length"),
+            "transfer_encoding": request.headers.get("Transfer-Encoding"),
+        }
         return web.json_response({"received": length})
 
     async def send(self, request: web.Request) -> web.StreamResponse:
@@ -110,8 +113,12 @@ async def test_a_50_mb_upload_reaches_the_upstream_before_the_caller_has_sent_it
         f"{proxy.url}{TENANT_PATH}/attachments/1", data=body(), headers={"Content-Length": str(CHUNKS * MiB)}
     ) as resp:
         assert resp.status == 200
-    assert upstream.upload == {"sha256": expected, "length": CHUNKS * MiB,
-                               "content_length": str(CHUNKS * MiB), "transfer_encoding": None}
+    assert upstream.upload == {
+        "sha256": expected,
+        "length": CHUNKS * MiB,
+        "content_length": str(CHUNKS * MiB),
+        "transfer_encoding": None,
+    }
 
 
 async def test_a_chunked_upload_streams_upstream_as_chunked(upstream, proxy):
@@ -128,8 +135,12 @@ async def test_a_chunked_upload_streams_upstream_as_chunked(upstream, proxy):
 
     async with proxy.session.put(f"{proxy.url}{TENANT_PATH}/attachments/1", data=body()) as resp:
         assert resp.status == 200
-    assert upstream.upload == {"sha256": expected, "length": 3 * MiB,
-                               "content_length": None, "transfer_encoding": "chunked"}
+    assert upstream.upload == {
+        "sha256": expected,
+        "length": 3 * MiB,
+        "content_length": None,
+        "transfer_encoding": "chunked",
+    }
 
 
 async def read_download(proxy, upstream) -> tuple[aiohttp.ClientResponse, str, int]:
@@ -189,8 +200,10 @@ async def hangup_proxy(request, simulator, upstream, start_proxy) -> AsyncIterat
 
 
 def upstream_errors(proxy) -> float:
-    return sum(proxy.registry.get_sample_value("st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": k})
-               for k in ("connect", "timeout", "reset"))
+    return sum(
+        proxy.registry.get_sample_value("st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": k})
+        for k in ("connect", "timeout", "reset")
+    )
 
 
 async def test_a_caller_hanging_up_mid_upload_is_logged_as_such_and_not_blamed_on_the_upstream(
@@ -206,8 +219,7 @@ async def test_a_caller_hanging_up_mid_upload_is_logged_as_such_and_not_blamed_o
     writer.close()
     await writer.wait_closed()
 
-    await wait_for_sample(proxy, "st_proxy_requests_total",
-                          {"tenant": T1.tenant_id, "method": "PUT", "code": "499"}, 1)
+    await wait_for_sample(proxy, "st_proxy_requests_total", {"tenant": T1.tenant_id, "method": "PUT", "code": "499"}, 1)
     assert upstream_errors(proxy) == 0
     assert '"error": "caller_disconnected"' in captured_logs()
     upstream.download = [b"still serving"]
@@ -226,7 +238,6 @@ async def test_a_caller_hanging_up_mid_download_is_logged_as_such_and_not_blamed
         upstream.caller_has_first_bytes.set()
         resp.close()  # hang up with 49 MiB still to come
 
-    await wait_for_sample(proxy, "st_proxy_requests_total",
-                          {"tenant": T1.tenant_id, "method": "GET", "code": "200"}, 1)
+    await wait_for_sample(proxy, "st_proxy_requests_total", {"tenant": T1.tenant_id, "method": "GET", "code": "200"}, 1)
     assert upstream_errors(proxy) == 0
     assert '"error": "caller_disconnected"' in captured_logs()

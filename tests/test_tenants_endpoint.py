@@ -7,8 +7,9 @@ import re
 from datetime import datetime
 
 from conftest import T1, sim_config
-from proxy.simulator import SimTenant
 from test_tokens import TokenGate, gated_simulator, get, many_tenants  # noqa: F401 (a fixture)
+
+from st_proxy.devtools.simulator import SimTenant
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -24,7 +25,8 @@ def at(text: str) -> float:
 
 
 async def test_prewarm_fetches_every_tenant_at_most_prewarm_concurrency_at_a_time_and_readyz_waits_for_it(
-        gated_simulator, start_proxy):
+    gated_simulator, start_proxy
+):
     tenants = many_tenants(20)
     gate = TokenGate()
     gate.close()
@@ -61,12 +63,18 @@ async def test_readyz_stays_503_while_a_single_tenants_first_attempt_hangs(gated
 
 
 async def test_tenants_shows_each_state_with_times_errors_and_replays_but_never_a_secret_or_token(
-        gated_simulator, start_proxy, clock):
+    gated_simulator, start_proxy, clock
+):
     valid, rejected, backing_off, refreshing, untouched = many_tenants(5)
     gate = TokenGate(clients={refreshing.client_id})
     sim = await gated_simulator(gate, tenants=[valid, rejected, backing_off, refreshing, untouched])
-    configured = [valid, SimTenant(rejected.tenant_id, rejected.client_id, "cs1.wrong"), backing_off, refreshing,
-                  untouched]
+    configured = [
+        valid,
+        SimTenant(rejected.tenant_id, rejected.client_id, "cs1.wrong"),
+        backing_off,
+        refreshing,
+        untouched,
+    ]
     proxy = await start_proxy(sim_config(sim, tenants=configured), clock=clock, prewarm=False)
     started = clock()
 
@@ -92,15 +100,22 @@ async def test_tenants_shows_each_state_with_times_errors_and_replays_but_never_
     assert at(by_id[valid.tenant_id]["token"]["expires_at"]) == int(now + 900)
     assert at(by_id[valid.tenant_id]["token"]["last_fetch"]) == int(now)
     assert by_id[valid.tenant_id]["replays"] == 1
-    assert by_id[rejected.tenant_id]["token"] == {"state": "rejected", "expires_at": None,
-                                                  "last_fetch": by_id[valid.tenant_id]["token"]["last_fetch"],
-                                                  "last_error": "invalid_client"}
+    assert by_id[rejected.tenant_id]["token"] == {
+        "state": "rejected",
+        "expires_at": None,
+        "last_fetch": by_id[valid.tenant_id]["token"]["last_fetch"],
+        "last_error": "invalid_client",
+    }
     assert by_id[backing_off.tenant_id]["token"]["state"] == "backing_off"
     assert by_id[backing_off.tenant_id]["token"]["last_error"] == "http_503"
     assert by_id[refreshing.tenant_id]["token"]["state"] == "refreshing"
     assert at(by_id[refreshing.tenant_id]["token"]["expires_at"]) == int(started + 900)
-    assert by_id[untouched.tenant_id] == {"id": untouched.tenant_id, "environment": "sim", "replays": 0, "token": {
-        "state": "none", "expires_at": None, "last_fetch": None, "last_error": None}}
+    assert by_id[untouched.tenant_id] == {
+        "id": untouched.tenant_id,
+        "environment": "sim",
+        "replays": 0,
+        "token": {"state": "none", "expires_at": None, "last_fetch": None, "last_error": None},
+    }
     assert all(t["replays"] == 0 for t in body["tenants"] if t["id"] != valid.tenant_id)
 
     text = json.dumps(body)
@@ -112,8 +127,9 @@ async def test_tenants_shows_each_state_with_times_errors_and_replays_but_never_
     assert "cs1." not in text and "eyJ" not in text  # no secret, no JWT, whole or in part
 
 
-async def test_a_token_past_expiry_minus_skew_with_no_failure_shows_state_none_and_its_old_expiry(simulator,
-                                                                                                start_proxy, clock):
+async def test_a_token_past_expiry_minus_skew_with_no_failure_shows_state_none_and_its_old_expiry(
+    simulator, start_proxy, clock
+):
     proxy = await start_proxy(sim_config(simulator), clock=clock, prewarm=False)
     assert (await get(proxy, T1.tenant_id))[0] == 200
     clock.advance(900 - 30)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 from aiohttp import web
-
 from conftest import T1, FakeClock, sim_config
-from proxy.config import Tenant
-from proxy.simulator import SimTenant
-from proxy.token_client import (
+
+from st_proxy.config import Tenant
+from st_proxy.devtools.simulator import SimTenant
+from st_proxy.upstream.token_client import (
     DEFAULT_LIFETIME,
     TokenClient,
     TokenRequestFailed,
@@ -66,7 +66,8 @@ async def fetch(session, tenant: Tenant, clock: FakeClock, **kwargs):
 # -- what is sent ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("client_auth", ["client_secret_post", "client_secret_basic"])
 async def test_a_secret_with_colon_plus_percent_and_spaces_works_with_both_client_auth_methods(
-        make_simulator, session, clock, client_auth):
+    make_simulator, session, clock, client_auth
+):
     awkward = SimTenant(T1.tenant_id, "cid.odd:id+1", AWKWARD_SECRET)
     sim = await make_simulator(tenants=[awkward])
     tenant = sim_config(sim, tenants=[awkward]).tenants[T1.tenant_id]
@@ -81,8 +82,9 @@ def test_client_secret_basic_form_encodes_each_part_before_base64_per_rfc_6749_2
     assert decoded == "cid.odd%3Aid:cs1.a%3Ab%2Bc%252Fd+e%26f%3Dg"
 
 
-async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_configured(aiohttp_server, session,
-                                                                                         clock):
+async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_configured(
+    aiohttp_server, session, clock
+):
     seen: list[tuple[str, dict, str | None]] = []
 
     async def capture(request: web.Request) -> web.Response:
@@ -97,23 +99,41 @@ async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_co
     await fetch(session, tenant, clock)
     await fetch(session, tenant, clock, scope="tn.crm.customers:r")
     await fetch(session, tenant, clock, client_auth="client_secret_basic")
-    assert seen[0] == ("application/x-www-form-urlencoded", {
-        "grant_type": "client_credentials", "client_id": T1.client_id, "client_secret": T1.client_secret}, None)
+    assert seen[0] == (
+        "application/x-www-form-urlencoded",
+        {"grant_type": "client_credentials", "client_id": T1.client_id, "client_secret": T1.client_secret},
+        None,
+    )
     assert seen[1][1]["scope"] == "tn.crm.customers:r"
     assert seen[2][1] == {"grant_type": "client_credentials"} and seen[2][2].startswith("Basic ")
 
 
 # -- reading answers ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer, lifetime", [
-    ({"access_token": "t", "expires_in": 900}, 900),
-    ({"access_token": "t", "expires_in": 6.5}, 6.5),
-    ({"access_token": "t", "expires_in": "900"}, 900),
-    ({"access_token": "t", "expires_in": " 120 "}, 120),
-    ({"access_token": "t"}, DEFAULT_LIFETIME),
-    ({"access_token": "t", "expires_in": 300, "token_type": "Bearer", "scope": "x", "ext_expires_in": 9, "n": {}}, 300),
-], ids=["number", "float", "string", "padded-string", "missing", "extra-fields"])
+@pytest.mark.parametrize(
+    "answer, lifetime",
+    [
+        ({"access_token": "t", "expires_in": 900}, 900),
+        ({"access_token": "t", "expires_in": 6.5}, 6.5),
+        ({"access_token": "t", "expires_in": "900"}, 900),
+        ({"access_token": "t", "expires_in": " 120 "}, 120),
+        ({"access_token": "t"}, DEFAULT_LIFETIME),
+        (
+            {
+                "access_token": "t",
+                "expires_in": 300,
+                "token_type": "Bearer",
+                "scope": "x",
+                "ext_expires_in": 9,
+                "n": {},
+            },
+            300,
+        ),
+    ],
+    ids=["number", "float", "string", "padded-string", "missing", "extra-fields"],
+)
 async def test_expires_in_is_read_as_a_number_or_a_string_and_defaults_to_900_seconds(
-        token_endpoint, session, clock, answer, lifetime):
+    token_endpoint, session, clock, answer, lifetime
+):
     tenant = await token_endpoint(lambda request: web.json_response(answer))
     token = await fetch(session, tenant, clock)
     assert token.access_token == "t" and token.lifetime == lifetime
@@ -126,21 +146,37 @@ async def test_a_jwt_without_expires_in_lives_until_its_exp_claim(token_endpoint
     assert token.expires_at == int(clock()) + 1234
 
 
-@pytest.mark.parametrize("body", [
-    b"not json",
-    b"[1, 2]",
-    b'{"expires_in": 900}',
-    b'{"access_token": "", "expires_in": 900}',
-    b'{"access_token": "t", "expires_in": "soon"}',
-    b'{"access_token": "t", "expires_in": true}',
-    b'{"access_token": "t", "expires_in": [900]}',
-    b'{"access_token": "t", "expires_in": 0}',
-    b'{"access_token": "t", "expires_in": "-5"}',
-    b'{"access_token": "t", "expires_in": "nan"}',
-    b'{"access_token": "t", "expires_in": "inf"}',
-    b'{"access_token": "t\\r\\nX-Injected: 1", "expires_in": 900}',
-], ids=["not-json", "not-object", "no-token", "empty-token", "word", "bool", "list", "zero", "negative", "nan", "inf",
-        "header-injection"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"expires_in": 900}',
+        b'{"access_token": "", "expires_in": 900}',
+        b'{"access_token": "t", "expires_in": "soon"}',
+        b'{"access_token": "t", "expires_in": true}',
+        b'{"access_token": "t", "expires_in": [900]}',
+        b'{"access_token": "t", "expires_in": 0}',
+        b'{"access_token": "t", "expires_in": "-5"}',
+        b'{"access_token": "t", "expires_in": "nan"}',
+        b'{"access_token": "t", "expires_in": "inf"}',
+        b'{"access_token": "t\\r\\nX-Injected: 1", "expires_in": 900}',
+    ],
+    ids=[
+        "not-json",
+        "not-object",
+        "no-token",
+        "empty-token",
+        "word",
+        "bool",
+        "list",
+        "zero",
+        "negative",
+        "nan",
+        "inf",
+        "header-injection",
+    ],
+)
 async def test_garbage_answers_are_an_invalid_response_transient_failure(token_endpoint, session, clock, body):
     tenant = await token_endpoint(lambda request: web.Response(body=body, content_type="application/json"))
     with pytest.raises(TokenRequestFailed) as failed:
@@ -156,22 +192,38 @@ async def test_an_oversized_answer_is_an_invalid_response(token_endpoint, sessio
 
 
 # -- classifying failures ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("status, body, code, rejected", [
-    (400, {"error": "invalid_client", "error_description": "bad secret"}, "invalid_client", True),
-    (401, {"error": "unauthorized_client"}, "unauthorized_client", True),
-    (400, {"error": "invalid_grant"}, "invalid_grant", True),
-    (400, {"error": "invalid_request"}, "invalid_request", True),
-    (401, None, "http_401", True),
-    (500, None, "http_500", False),
-    (502, "<html>bad gateway</html>", "http_502", False),
-    (503, {"error": "invalid_client"}, "invalid_client", False),  # 5xx is the endpoint's trouble, whatever it says
-    (429, {"error": "slow_down"}, "slow_down", False),
-    (404, None, "http_404", False),
-    (400, {"error": "bad\ncode"}, "http_400", True),
-], ids=["invalid_client", "unauthorized_client", "invalid_grant", "invalid_request", "bare-401", "500", "502-html",
-        "503-with-code", "429", "404", "unsafe-code"])
-async def test_token_endpoint_errors_are_classified_as_rejected_or_transient(simulator, session, clock, status, body,
-                                                                           code, rejected):
+@pytest.mark.parametrize(
+    "status, body, code, rejected",
+    [
+        (400, {"error": "invalid_client", "error_description": "bad secret"}, "invalid_client", True),
+        (401, {"error": "unauthorized_client"}, "unauthorized_client", True),
+        (400, {"error": "invalid_grant"}, "invalid_grant", True),
+        (400, {"error": "invalid_request"}, "invalid_request", True),
+        (401, None, "http_401", True),
+        (500, None, "http_500", False),
+        (502, "<html>bad gateway</html>", "http_502", False),
+        (503, {"error": "invalid_client"}, "invalid_client", False),  # 5xx is the endpoint's trouble, whatever it says
+        (429, {"error": "slow_down"}, "slow_down", False),
+        (404, None, "http_404", False),
+        (400, {"error": "bad\ncode"}, "http_400", True),
+    ],
+    ids=[
+        "invalid_client",
+        "unauthorized_client",
+        "invalid_grant",
+        "invalid_request",
+        "bare-401",
+        "500",
+        "502-html",
+        "503-with-code",
+        "429",
+        "404",
+        "unsafe-code",
+    ],
+)
+async def test_token_endpoint_errors_are_classified_as_rejected_or_transient(
+    simulator, session, clock, status, body, code, rejected
+):
     simulator.fail_tokens(status, body)
     with pytest.raises(TokenRequestFailed) as failed:
         await fetch(session, sim_config(simulator).tenants[T1.tenant_id], clock)
@@ -215,8 +267,9 @@ async def test_an_unreachable_endpoint_is_a_transient_connect_error(session, clo
 
 async def test_an_endpoint_that_echoes_the_secret_back_does_not_put_it_in_the_error(token_endpoint, session, clock):
     def echo_form(request: web.Request) -> web.Response:
-        return web.json_response({"error": T1.client_secret, "error_description": f"got {T1.client_secret}"},
-                                 status=400)
+        return web.json_response(
+            {"error": T1.client_secret, "error_description": f"got {T1.client_secret}"}, status=400
+        )
 
     tenant = await token_endpoint(echo_form)
     with pytest.raises(TokenRequestFailed) as failed:

@@ -10,14 +10,14 @@ import random
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import T1, T2, FakeClock, sim_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import T1, T2, FakeClock, sim_config
-from proxy.config import Tenant, TokenConfig
-from proxy.errors import TokenRejected, TokenUnavailable
-from proxy.simulator import Simulator, SimTenant
-from proxy.token_client import Token, TokenClient, TokenRequestFailed
-from proxy.tokens import BACKOFF_MAX, TokenManager
+from st_proxy.config import Tenant, TokenConfig
+from st_proxy.devtools.simulator import SimTenant, Simulator
+from st_proxy.errors import TokenRejected, TokenUnavailable
+from st_proxy.upstream.token_client import Token, TokenClient, TokenRequestFailed
+from st_proxy.upstream.tokens import BACKOFF_MAX, TokenManager
 
 
 # -- helpers shared with test_replay.py and test_tenants_endpoint.py ---------------------------------------------------
@@ -105,8 +105,11 @@ async def echo(proxy, tenant: str = T1.tenant_id) -> str:
 async def metrics(proxy) -> dict[tuple[str, tuple], float]:
     async with proxy.session.get(proxy.admin_url + "/metrics", headers={"Accept-Encoding": "identity"}) as resp:
         text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 # -- a gated fake fetcher for the pure TokenManager rules --------------------------------------------------------------
@@ -148,7 +151,9 @@ async def test_a_900_second_token_refreshes_120_seconds_ahead_and_is_never_sent_
     fetcher = FakeFetcher(clock)
     tokens = manager(fetcher, clock)
     first = await tokens.get(TENANT)
-    assert not tokens.refresh_due(first, first.expires_at - 120.01) and tokens.refresh_due(first, first.expires_at - 120)
+    assert not tokens.refresh_due(first, first.expires_at - 120.01) and tokens.refresh_due(
+        first, first.expires_at - 120
+    )
     clock.now = first.expires_at - 120.01
     assert await tokens.get(TENANT) is first
     assert tokens.status(TENANT).state == "valid"
@@ -290,12 +295,14 @@ async def test_transient_backoff_doubles_from_1_to_60_seconds_with_delays_betwee
 
 
 # -- single flight end to end ------------------------------------------------------------------------------------------
-async def test_1000_concurrent_cold_requests_over_50_tenants_make_exactly_50_token_requests(make_simulator,
-                                                                                       start_proxy):
+async def test_1000_concurrent_cold_requests_over_50_tenants_make_exactly_50_token_requests(
+    make_simulator, start_proxy
+):
     tenants = many_tenants(50)
     sim = await make_simulator(tenants=tenants)
     proxy = await start_proxy(sim_config(sim, tenants=tenants), prewarm=False)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as session:
+
         async def one(i: int) -> int:
             tenant = tenants[i % 50].tenant_id
             async with session.get(f"{proxy.url}/crm/v2/tenant/{tenant}/customers/{i + 1}") as resp:
@@ -328,8 +335,9 @@ async def test_refresh_starts_once_inside_the_window_and_no_request_waits_on_it(
     assert sim.token_requests == 2
 
 
-async def test_callers_that_give_up_mid_fetch_leave_one_fetch_and_a_token_for_the_next_caller(gated_simulator,
-                                                                                           start_proxy):
+async def test_callers_that_give_up_mid_fetch_leave_one_fetch_and_a_token_for_the_next_caller(
+    gated_simulator, start_proxy
+):
     gate = TokenGate()
     gate.close()
     sim = await gated_simulator(gate)
@@ -450,7 +458,8 @@ async def test_rejected_credentials_answer_502_at_once_and_ask_once_per_cooloff(
 
 
 async def test_a_failing_endpoint_keeps_a_valid_token_flowing_until_expiry_minus_skew_then_answers_503(
-        make_simulator, start_proxy, clock):
+    make_simulator, start_proxy, clock
+):
     sim = await make_simulator(clock=clock)  # the simulator judges expiry on the same clock
     proxy = await start_proxy(sim_config(sim), clock=clock, prewarm=False)
     first = await echo(proxy)
@@ -503,8 +512,9 @@ async def test_a_reload_with_a_rotated_secret_sends_a_new_token_on_the_next_requ
 
 
 # -- logs and metrics --------------------------------------------------------------------------------------------------
-async def test_a_failing_tenant_logs_once_per_state_change_not_once_per_request(simulator, start_proxy, clock,
-                                                                               captured_logs):
+async def test_a_failing_tenant_logs_once_per_state_change_not_once_per_request(
+    simulator, start_proxy, clock, captured_logs
+):
     simulator.fail_tokens(503)
     proxy = await start_proxy(sim_config(simulator), clock=clock, prewarm=False)
     for i in range(100):

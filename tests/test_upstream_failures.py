@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from aiohttp import web
-
 from conftest import T1, sim_config
 
 TENANT_PATH = f"/crm/v2/tenant/{T1.tenant_id}"
@@ -45,8 +44,10 @@ async def test_an_api_that_refuses_connections_gives_502_upstream_unreachable(si
     async with await get(proxy) as resp:
         body = await problem(resp, "upstream_unreachable", 502)
     assert "ServiceTitan" in body["detail"]
-    assert proxy.registry.get_sample_value(
-        "st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "connect"}) == 1
+    assert (
+        proxy.registry.get_sample_value("st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "connect"})
+        == 1
+    )
 
 
 async def test_an_api_slower_than_the_read_timeout_gives_504_upstream_timeout(simulator, start_proxy):
@@ -54,8 +55,10 @@ async def test_an_api_slower_than_the_read_timeout_gives_504_upstream_timeout(si
     proxy = await start_proxy(sim_config(simulator, upstream={"read_timeout_seconds": 0.2}))
     async with await get(proxy) as resp:
         await problem(resp, "upstream_timeout", 504)
-    assert proxy.registry.get_sample_value(
-        "st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "timeout"}) == 1
+    assert (
+        proxy.registry.get_sample_value("st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "timeout"})
+        == 1
+    )
     simulator.api_delay = 0
     async with await get(proxy) as resp:
         assert resp.status == 200
@@ -92,8 +95,10 @@ async def test_an_api_that_dies_mid_body_gives_the_caller_a_broken_answer_not_a_
         assert resp.headers["Content-Length"] == "1000"
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
-    assert proxy.registry.get_sample_value(
-        "st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "reset"}) == 1
+    assert (
+        proxy.registry.get_sample_value("st_proxy_upstream_errors_total", {"tenant": T1.tenant_id, "kind": "reset"})
+        == 1
+    )
     async with await get(proxy, "/fine") as resp:
         assert resp.status == 200
         assert await resp.json() == {"ok": True}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .config import Address, Config
+from ..config import Address, Config
 
 EXIT_OK, EXIT_FAILURE = 0, 1
 log = logging.getLogger("st_proxy.server")
@@ -47,8 +47,9 @@ def run_until_signalled(body: Callable[[Stop], object]) -> int:
     return asyncio.run(runner())
 
 
-async def start_site(app: web.Application, address: Address, *,
-                     shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, Address]:
+async def start_site(
+    app: web.Application, address: Address, *, shutdown_timeout: float = 60.0
+) -> tuple[web.AppRunner, Address]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
@@ -64,8 +65,14 @@ async def start_site(app: web.Application, address: Address, *,
 ADMIN_SHUTDOWN_SECONDS = 1.0  # admin answers are small; a stuck scrape must not hold the exit
 
 
-async def serve(config: Config, stop: asyncio.Event, on_ready: Callable[[Address, Address], None] | None = None, *,
-                load: Callable[[], Config] | None = None, poll_seconds: float = 1.0) -> int:
+async def serve(
+    config: Config,
+    stop: asyncio.Event,
+    on_ready: Callable[[Address, Address], None] | None = None,
+    *,
+    load: Callable[[], Config] | None = None,
+    poll_seconds: float = 1.0,
+) -> int:
     """Run the proxy until ``stop``, then drain (design.md section 3). ``load`` re-reads the config for reloads.
 
     Shutdown, on SIGTERM: /readyz answers 503 at once so load balancers and Kubernetes endpoints stop sending new
@@ -94,17 +101,29 @@ async def serve(config: Config, stop: asyncio.Event, on_ready: Callable[[Address
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
     data_runner, data_addr = await start_site(app, config.listen, shutdown_timeout=shutdown.timeout_seconds)
     try:
-        admin_runner, admin_addr = await start_site(create_admin_app(runtime), config.admin_listen,
-                                                    shutdown_timeout=ADMIN_SHUTDOWN_SECONDS)
+        admin_runner, admin_addr = await start_site(
+            create_admin_app(runtime), config.admin_listen, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
+        )
     except OSError:
         await data_runner.cleanup()
         raise
-    reloader = Reloader(runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load,
-                        poll_seconds=poll_seconds)
+    reloader = Reloader(
+        runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load, poll_seconds=poll_seconds
+    )
     reloader.start()
-    log.info("listening on %s (admin %s) for %d tenants", data_addr, admin_addr, len(config.tenants),
-             extra={"event": "start", "listen": str(data_addr), "admin_listen": str(admin_addr),
-                    "tenants": len(config.tenants), "watching": [str(p) for p in reloader.watched]})
+    log.info(
+        "listening on %s (admin %s) for %d tenants",
+        data_addr,
+        admin_addr,
+        len(config.tenants),
+        extra={
+            "event": "start",
+            "listen": str(data_addr),
+            "admin_listen": str(admin_addr),
+            "tenants": len(config.tenants),
+            "watching": [str(p) for p in reloader.watched],
+        },
+    )
     if on_ready:
         on_ready(data_addr, admin_addr)
     announce = asyncio.create_task(_log_when_ready(runtime))
@@ -113,15 +132,25 @@ async def serve(config: Config, stop: asyncio.Event, on_ready: Callable[[Address
         announce.cancel()
         runtime.draining = True
         drain = 0.0 if getattr(stop, "signal", None) == signal.SIGINT else shutdown.drain_seconds
-        log.info("draining: /readyz answers 503; still accepting connections for %ss", drain,
-                 extra={"event": "draining", "drain_seconds": drain})
+        log.info(
+            "draining: /readyz answers 503; still accepting connections for %ss",
+            drain,
+            extra={"event": "draining", "drain_seconds": drain},
+        )
         await asyncio.sleep(drain)
         for site in list(data_runner.sites):
             await site.stop()  # closes the listening socket: new connections are refused from here on
         in_flight = len(data_runner.server.connections) if data_runner.server else 0
-        log.info("listener closed; waiting up to %ss for %d open connections", shutdown.timeout_seconds, in_flight,
-                 extra={"event": "listener_closed", "open_connections": in_flight,
-                        "timeout_seconds": shutdown.timeout_seconds})
+        log.info(
+            "listener closed; waiting up to %ss for %d open connections",
+            shutdown.timeout_seconds,
+            in_flight,
+            extra={
+                "event": "listener_closed",
+                "open_connections": in_flight,
+                "timeout_seconds": shutdown.timeout_seconds,
+            },
+        )
     finally:
         announce.cancel()
         runtime.draining = True
@@ -135,6 +164,6 @@ async def serve(config: Config, stop: asyncio.Event, on_ready: Callable[[Address
 async def _log_when_ready(runtime) -> None:
     """The `ready` lifecycle event, once /readyz would first answer 200. It polls the predicate /readyz uses
     rather than reach into the token manager; 50 ms is well below any load balancer's probe period."""
-    while not runtime.ready():
+    while not runtime.ready():  # noqa: ASYNC110 (a predicate, not an event: see the docstring)
         await asyncio.sleep(0.05)
     log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})

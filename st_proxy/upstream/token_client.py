@@ -7,7 +7,6 @@ built here carries the client secret or a token.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -22,7 +21,7 @@ from urllib.parse import quote_plus
 import aiohttp
 from yarl import URL
 
-from .config import Tenant
+from ..config import Tenant
 from .egress import DIRECT
 
 DEFAULT_LIFETIME = 900.0  # ServiceTitan's documented lifetime, used when the answer says nothing (servicetitan.md)
@@ -105,8 +104,9 @@ def parse_token_answer(body: bytes, now: float) -> Token:
     if not isinstance(access_token, str) or not access_token:
         raise TokenRequestFailed("invalid_response", "token answer has no access_token", rejected=False)
     if not ACCESS_TOKEN.fullmatch(access_token):
-        raise TokenRequestFailed("invalid_response", "access_token has characters a header cannot carry",
-                                 rejected=False)
+        raise TokenRequestFailed(
+            "invalid_response", "access_token has characters a header cannot carry", rejected=False
+        )
     expires_in = data.get("expires_in")
     lifetime: float | None = None
     if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
@@ -137,7 +137,9 @@ def _error_from_answer(status: int, body: bytes, retry_after: float | None) -> T
     if isinstance(data, dict) and isinstance(data.get("error"), str) and ERROR_CODE.fullmatch(data["error"]):
         code = data["error"]
         desc = data.get("error_description")
-        description = f"{description} ({code})" if not isinstance(desc, str) else f"{description} ({code}: {desc[:200]})"
+        description = (
+            f"{description} ({code})" if not isinstance(desc, str) else f"{description} ({code}: {desc[:200]})"
+        )
     # 429 and 5xx are the endpoint's own trouble, whatever the body says (servicetitan.md: transient). A 400/401, or an
     # RFC 6749 section 5.2 code naming the credentials, is the endpoint judging them: asking again soon cannot help.
     transient = status == 429 or status >= 500
@@ -194,19 +196,22 @@ class TokenClient:
     async def _request(self, tenant: Tenant, form: dict[str, str], headers: dict[str, str]) -> Token:
         proxy = self._egress(tenant.environment.auth_url)
         try:
-            async with self._session.post(tenant.environment.auth_url, data=form, headers=headers,
-                                          allow_redirects=False, proxy=proxy) as resp:
+            async with self._session.post(
+                tenant.environment.auth_url, data=form, headers=headers, allow_redirects=False, proxy=proxy
+            ) as resp:
                 body = await _read_limited(resp)
                 now = self._clock()
                 if resp.status != 200:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), now)
                     raise _error_from_answer(resp.status, body, retry_after)
                 return parse_token_answer(body, now)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TokenRequestFailed("timeout", "token endpoint did not answer in time", rejected=False) from None
         except aiohttp.ClientConnectionError as exc:
-            raise TokenRequestFailed("connect_error", f"token endpoint unreachable ({type(exc).__name__})",
-                                     rejected=False) from None
+            raise TokenRequestFailed(
+                "connect_error", f"token endpoint unreachable ({type(exc).__name__})", rejected=False
+            ) from None
         except aiohttp.ClientError as exc:
-            raise TokenRequestFailed("http_error", f"token request failed ({type(exc).__name__})",
-                                     rejected=False) from None
+            raise TokenRequestFailed(
+                "http_error", f"token request failed ({type(exc).__name__})", rejected=False
+            ) from None

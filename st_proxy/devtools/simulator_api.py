@@ -23,8 +23,13 @@ DOWNLOAD_PATTERN = b"0123456789abcdef"
 FAKE_REDIRECT = "https://files.example.invalid/attachments/42?sig=simulated"
 
 # ServiceTitan's error bodies point `type` at the RFC section of their status.
-_PROBLEM_TYPES = {400: "rfc7231#section-6.5.1", 401: "rfc7235#section-3.1", 403: "rfc7231#section-6.5.3",
-                  404: "rfc7231#section-6.5.4", 405: "rfc7231#section-6.5.5"}
+_PROBLEM_TYPES = {
+    400: "rfc7231#section-6.5.1",
+    401: "rfc7235#section-3.1",
+    403: "rfc7231#section-6.5.3",
+    404: "rfc7231#section-6.5.4",
+    405: "rfc7231#section-6.5.5",
+}
 
 
 def is_digits(s: str) -> bool:
@@ -32,8 +37,14 @@ def is_digits(s: str) -> bool:
 
 
 def problem(status: int, title: str, headers: dict | None = None, errors: dict | None = None) -> web.Response:
-    body = {"type": f"https://tools.ietf.org/html/{_PROBLEM_TYPES[status]}", "title": title, "status": status,
-            "traceId": secrets.token_hex(16), "errors": errors or {}, "data": {}}
+    body = {
+        "type": f"https://tools.ietf.org/html/{_PROBLEM_TYPES[status]}",
+        "title": title,
+        "status": status,
+        "traceId": secrets.token_hex(16),
+        "errors": errors or {},
+        "data": {},
+    }
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -66,8 +77,15 @@ async def _echo(request: web.Request) -> web.Response:
         digest.update(chunk)
         length += len(chunk)
     headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]  # as sent, duplicates kept
-    return web.json_response({"method": request.method, "path": request.raw_path, "headers": headers,
-                              "body_sha256": digest.hexdigest(), "body_length": length})
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": headers,
+            "body_sha256": digest.hexdigest(),
+            "body_length": length,
+        }
+    )
 
 
 async def _download(request: web.Request) -> web.StreamResponse:
@@ -89,7 +107,7 @@ async def _download(request: web.Request) -> web.StreamResponse:
     while sent < size:
         n = min(chunk, size - sent)
         start = sent % len(DOWNLOAD_PATTERN)  # byte i of the stream is DOWNLOAD_PATTERN[i % 16]
-        await response.write(block[start:start + n])
+        await response.write(block[start : start + n])
         sent += n
         if delay > 0 and sent < size:
             await asyncio.sleep(delay)
@@ -117,17 +135,23 @@ async def _resource(request: web.Request, segments: list[str]) -> web.StreamResp
         return web.json_response({"id": item_id, "name": f"{segments[-2]} {item_id}"})
     page = _int_param(request, "page", 1)
     page_size = _int_param(request, "pageSize", DEFAULT_PAGE_SIZE)
-    errors = {}
+    errors: dict[str, list[str]] = {}
     if not page:
         errors["page"] = ["must be an integer of at least 1"]
     if not page_size or page_size > MAX_PAGE_SIZE:
         errors["pageSize"] = [f"must be an integer between 1 and {MAX_PAGE_SIZE}"]
-    if errors:
+    if errors or page is None or page_size is None:
         return problem(400, "One or more validation errors occurred.", errors=errors)
     resource = segments[-1] if segments else "items"
     first = (page - 1) * page_size + 1
     last = min(page * page_size, ITEMS_PER_RESOURCE)
     include_total = request.query.get("includeTotal", "").lower() == "true"
-    return web.json_response({"page": page, "pageSize": page_size, "hasMore": last < ITEMS_PER_RESOURCE,
-                              "totalCount": ITEMS_PER_RESOURCE if include_total else None,
-                              "data": [{"id": i, "name": f"{resource} {i}"} for i in range(first, last + 1)]})
+    return web.json_response(
+        {
+            "page": page,
+            "pageSize": page_size,
+            "hasMore": last < ITEMS_PER_RESOURCE,
+            "totalCount": ITEMS_PER_RESOURCE if include_total else None,
+            "data": [{"id": i, "name": f"{resource} {i}"} for i in range(first, last + 1)],
+        }
+    )

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .runtime import RUNTIME, Runtime
-from .tokens import TokenStatus
+from ..config import Config
+from ..upstream.tokens import TokenManager, TokenStatus
+from .metrics import Metrics
+
+
+class AdminSource(Protocol):
+    """What the admin port reads of the running proxy (``server.runtime.Runtime`` is one)."""
+
+    metrics: Metrics
+    tokens: TokenManager | None
+    draining: bool
+
+    @property
+    def config(self) -> Config: ...
+
+    def ready(self) -> bool: ...
+
+    def pending_tenants(self) -> list[str]: ...
+
+
+SOURCE = web.AppKey("admin_source", AdminSource)
 
 
 def _rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -22,7 +42,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    rt: Runtime = request.app[RUNTIME]
+    rt = request.app[SOURCE]
     if rt.draining:
         return web.json_response({"status": "draining"}, status=503)
     if not rt.ready():
@@ -32,28 +52,30 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def tenants(request: web.Request) -> web.Response:
     """Per tenant: environment, token state and times, last error code, replays. Never a secret or a token."""
-    rt: Runtime = request.app[RUNTIME]
+    rt = request.app[SOURCE]
     manager = rt.tokens
     result = []
-    for tenant in rt.holder.current.tenants.values():
+    for tenant in rt.config.tenants.values():
         status = manager.status(tenant) if manager else TokenStatus("none", None, None, None)
-        result.append({
-            "id": tenant.tenant_id,
-            "environment": tenant.environment.name,
-            "token": {
-                "state": status.state,
-                "expires_at": _rfc3339(status.expires_at),
-                "last_fetch": _rfc3339(status.last_fetch),
-                "last_error": status.last_error,
-            },
-            "replays": manager.replays(tenant.tenant_id) if manager else 0,
-        })
+        result.append(
+            {
+                "id": tenant.tenant_id,
+                "environment": tenant.environment.name,
+                "token": {
+                    "state": status.state,
+                    "expires_at": _rfc3339(status.expires_at),
+                    "last_fetch": _rfc3339(status.last_fetch),
+                    "last_error": status.last_error,
+                },
+                "replays": manager.replays(tenant.tenant_id) if manager else 0,
+            }
+        )
     return web.json_response({"tenants": result})
 
 
-def create_admin_app(runtime: Runtime) -> web.Application:
+def create_admin_app(runtime: AdminSource) -> web.Application:
     app = web.Application()
-    app[RUNTIME] = runtime
+    app[SOURCE] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/tenants", tenants)

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -30,13 +30,16 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
 
 
 def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, object] = {"time": _utc(record.created), "level": record.levelname.lower(),
-                                   "logger": record.name}
+        line: dict[str, object] = {
+            "time": _utc(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         if record.name != ACCESS_LOGGER:
             line["message"] = record.getMessage()
         for key, value in _fields(record).items():
@@ -58,8 +61,10 @@ class TextFormatter(logging.Formatter):
         stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         fields = _fields(record)
         if record.name == ACCESS_LOGGER:
-            head = (f"{_text_value(fields.pop('method', None))} {_text_value(fields.pop('path', None))} "
-                    f"{fields.pop('status', '-')} {fields.pop('duration_ms', '-')}ms")
+            head = (
+                f"{_text_value(fields.pop('method', None))} {_text_value(fields.pop('path', None))} "
+                f"{fields.pop('status', '-')} {fields.pop('duration_ms', '-')}ms"
+            )
         else:
             head = record.getMessage()
             fields.pop("event", None)  # the message already says what happened

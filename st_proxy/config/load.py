@@ -1,23 +1,36 @@
-"""The configuration: frozen dataclasses, and the loaders that build them.
+"""Loading the configuration: validate a document and build the frozen model (``model.py``) from it.
 
 Loading validates everything and reports every problem at once, each prefixed by its path
 (``tenants.42.client_secret: env var ST_X is not set``), in a single ``ConfigError``. Secrets are resolved at load, so a
 ``Config`` that exists is complete: the request path only reads it. Nothing else in the package reads the environment,
-and ``from_environment`` / ``load_file`` take it as an argument. The one-value parsers live in ``config_parse.py``.
+and ``from_environment`` / ``load_file`` take it as an argument. The one-value parsers live in ``values.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
-from . import config_env
-from .config_parse import (
+from . import env_mode
+from .model import (
+    BUILTIN_ENVIRONMENTS,
+    CLIENT_AUTH_METHODS,
+    RESERVED_HEADERS,
+    Config,
+    ConfigError,
+    Environment,
+    RoutingConfig,
+    ShutdownConfig,
+    Tenant,
+    TokenConfig,
+    UpstreamConfig,
+)
+from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
+from .values import (
     HEADER_NAME,
-    Address,
     addresses_clash,
     describe,
     is_loopback,
@@ -27,108 +40,8 @@ from .config_parse import (
     parse_value,
     parse_yaml,
 )
-from .secret_source import Secret, SecretError, SecretRef, parse_ref, resolve
 
-__all__ = ["Address", "Config", "ConfigError", "Environment", "Tenant", "from_environment", "from_mapping",
-           "load_file", "parse_address"]
-
-BUILTIN_ENVIRONMENTS = {
-    "integration": {
-        "auth_url": "https://auth-integration.servicetitan.io/connect/token",
-        "api_url": "https://api-integration.servicetitan.io",
-    },
-    "production": {
-        "auth_url": "https://auth.servicetitan.io/connect/token",
-        "api_url": "https://api.servicetitan.io",
-    },
-}
-CLIENT_AUTH_METHODS = ("client_secret_post", "client_secret_basic")
-# Headers the proxy itself sets or strips (headers.py): routing on one of them would make no sense.
-RESERVED_HEADERS = frozenset({"authorization", "st-app-key", "host", "connection", "content-length",
-                              "transfer-encoding", "x-request-id"})
-
-
-class ConfigError(Exception):
-    """Every problem found in one load, each as ``path: message``."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True)
-class Environment:
-    name: str
-    auth_url: str
-    api_url: str  # no trailing slash; may carry a path prefix
-
-
-@dataclass(frozen=True)
-class Tenant:
-    tenant_id: str
-    environment: Environment
-    client_id: str
-    client_secret: Secret
-    app_key: Secret
-    client_secret_ref: SecretRef
-    app_key_ref: SecretRef
-
-    def credentials_key(self) -> tuple[str, str, str, str]:
-        """What a token is minted from: a change in any part means a token must not be reused (design.md section 2)."""
-        return (self.environment.auth_url, self.tenant_id, self.client_id, self.client_secret.fingerprint())
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    tenant_header: str | None = "X-Tenant-ID"
-    default_tenant: str | None = None
-
-
-@dataclass(frozen=True)
-class TokenConfig:
-    refresh_ahead_seconds: float = 120
-    expiry_skew_seconds: float = 30
-    client_auth: str = "client_secret_post"
-    authorization_prefix: str = "Bearer "
-    fetch_timeout_seconds: float = 10
-    rejected_cooloff_seconds: float = 60
-    replay_body_limit_bytes: int = 1048576
-    prewarm_concurrency: int = 8
-    scope: str | None = None  # ServiceTitan wants none; a generic OAuth server may
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    connect_timeout_seconds: float = 10
-    read_timeout_seconds: float = 120
-    max_connections: int = 100
-    ca_file: str | None = None
-
-
-@dataclass(frozen=True)
-class ShutdownConfig:
-    drain_seconds: float = 5
-    timeout_seconds: float = 30
-
-
-@dataclass(frozen=True)
-class Config:
-    app_key: Secret
-    app_key_ref: SecretRef
-    tenants: Mapping[str, Tenant]
-    environments: Mapping[str, Environment]
-    listen: Address = Address("127.0.0.1", 8080)
-    admin_listen: Address = Address("127.0.0.1", 9090)
-    routing: RoutingConfig = RoutingConfig()
-    tokens: TokenConfig = TokenConfig()
-    upstream: UpstreamConfig = UpstreamConfig()
-    shutdown: ShutdownConfig = ShutdownConfig()
-    source: Path | None = None
-    warnings: tuple[str, ...] = ()
-    secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
-
-
-# Each section's settings and their kinds (config_parse.parse_value).
+# Each section's settings and their kinds (values.parse_value).
 _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     "tokens": (
         TokenConfig,
@@ -174,7 +87,7 @@ class _Problems:
             if key not in allowed:
                 self.add(_join(path, key), f"unknown key (expected one of: {', '.join(allowed)})")
 
-    def mapping(self, path: str, raw: object, what: str = "a mapping") -> bool:
+    def mapping(self, raw: object, path: str, what: str = "a mapping") -> TypeGuard[Mapping[Any, Any]]:
         """True for a mapping; null counts as absent (False, no problem); anything else is a problem."""
         if isinstance(raw, Mapping):
             return True
@@ -193,7 +106,7 @@ def _join(path: str, key: object) -> str:
 
 def _section(problems: _Problems, name: str, raw: object) -> Any:
     cls, fields = _SECTIONS[name]
-    if not problems.mapping(name, raw):
+    if not problems.mapping(raw, name):
         return cls()
     problems.unknown_keys(name, raw, fields)
     values = {}
@@ -233,7 +146,7 @@ def _environments(problems: _Problems, raw: object) -> tuple[dict[str, Environme
     """The built-in environments with the user's added or overridden; also every name the user wrote."""
     merged: dict[str, dict[str, Any]] = {name: dict(urls) for name, urls in BUILTIN_ENVIRONMENTS.items()}
     written: set[str] = set()
-    for name, urls in (raw if problems.mapping("environments", raw) else {}).items():
+    for name, urls in (raw if problems.mapping(raw, "environments") else {}).items():
         path = _join("environments", name)
         written.add(str(name))
         if not isinstance(urls, Mapping):
@@ -269,7 +182,7 @@ def _tenants(
     if raw is None:
         problems.add("tenants", "is required (at least one tenant)")
         return {}
-    if not problems.mapping("tenants", raw, "a mapping of tenant id to its credentials"):
+    if not problems.mapping(raw, "tenants", "a mapping of tenant id to its credentials"):
         return {}
     if not raw:
         problems.add("tenants", "is empty (at least one tenant is required)")
@@ -312,7 +225,7 @@ def _tenants(
 
 
 def _routing(problems: _Problems, raw: object, tenants_raw: object) -> RoutingConfig:
-    if not problems.mapping("routing", raw):
+    if not problems.mapping(raw, "routing"):
         return RoutingConfig()
     problems.unknown_keys("routing", raw, ("tenant_header", "default_tenant"))
     header = raw.get("tenant_header", RoutingConfig.tenant_header)
@@ -350,11 +263,16 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
             problems.add(key, str(exc))
     if "listen" in addresses and not is_loopback(addresses["listen"]):
         # design.md section 4: whoever reaches the data port acts with every tenant's credentials.
-        problems.warnings.append(f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
-                                 "can connect acts with every tenant's credentials")
+        problems.warnings.append(
+            f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
+            "can connect acts with every tenant's credentials"
+        )
     if len(addresses) == 2 and addresses_clash(addresses["listen"], addresses["admin_listen"]):
-        problems.add("admin_listen", f"{addresses['admin_listen']} clashes with listen {addresses['listen']}: the "
-                                     "admin port is never the data port")
+        problems.add(
+            "admin_listen",
+            f"{addresses['admin_listen']} clashes with listen {addresses['listen']}: the "
+            "admin port is never the data port",
+        )
 
     app_key = None
     if "app_key" not in raw:
@@ -413,20 +331,19 @@ def load_file(path: str | Path, environ: Mapping[str, str]) -> Config:
 
 
 def from_environment(environ: Mapping[str, str]) -> Config:
-    """No-file mode (the twelve-factor sidecar): one tenant from ST_* variables (config_env.py). Errors name the
+    """No-file mode (the twelve-factor sidecar): one tenant from ST_* variables (env_mode.py). Errors name the
     variable (``env.ST_TENANT_ID: a tenant id must be digits``)."""
-    raw, env_name, missing = config_env.document(environ)
+    raw, env_name, missing = env_mode.document(environ)
     if missing:
         # Validate the rest too, with harmless stand-ins for what is missing, so every problem is listed at once.
-        stand_in = {**environ, **{name: "0" for name in config_env.REQUIRED if not environ.get(name)}}
-        raw, env_name, _ = config_env.document(stand_in)
+        stand_in = {**environ, **{name: "0" for name in env_mode.REQUIRED if not environ.get(name)}}
+        raw, env_name, _ = env_mode.document(stand_in)
         try:
             from_mapping(raw, stand_in)
         except ConfigError as exc:
-            missing += [config_env.rename(problem, env_name) for problem in exc.problems]
+            missing += [env_mode.rename(problem, env_name) for problem in exc.problems]
         raise ConfigError(missing)
     try:
         return from_mapping(raw, environ)
     except ConfigError as exc:
-        raise ConfigError([config_env.rename(problem, env_name) for problem in exc.problems]) from None
-
+        raise ConfigError([env_mode.rename(problem, env_name) for problem in exc.problems]) from None

@@ -19,7 +19,7 @@ _SANE_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    listed = set()
+    listed: set[str] = set()
     for value in headers.getall("Connection", ()):
         listed.update(token.strip().lower() for token in value.split(",") if token.strip())
     return listed
@@ -64,6 +64,7 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str
             out.add(name, value)
     out.setdefault(REQUEST_ID, request_id)
     return out
+
 
 # Headers aiohttp's client would invent. The caller's own are forwarded; none is added (design.md section 6: an
 # added Accept-Encoding would hand callers compressed bodies they never asked for).

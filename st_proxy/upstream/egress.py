@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from urllib.parse import urlsplit
-from urllib.request import proxy_bypass_environment
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # public, not in typeshed
 
 from yarl import URL
 

@@ -23,8 +23,9 @@ def document(environ: Mapping[str, str]) -> tuple[dict[str, Any], str, list[str]
     """(config document, environment name, problems with required variables)."""
     missing = [f"env.{name}: is not set (or empty)" for name in REQUIRED if not environ.get(name)]
     if missing:
-        missing.insert(0, "env: no config file (--config or ST_PROXY_CONFIG), so the ST_* variables must describe "
-                          "one tenant")
+        missing.insert(
+            0, "env: no config file (--config or ST_PROXY_CONFIG), so the ST_* variables must describe one tenant"
+        )
     urls = {key: environ[var] for key, var in _URLS if environ.get(var)}
     # ST_AUTH_URL / ST_API_URL set the URLs of the environment ST_ENVIRONMENT names (overriding a built-in one, as an
     # `environments:` entry in a file would); with no ST_ENVIRONMENT they make one called "custom".

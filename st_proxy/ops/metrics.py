@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from . import __version__
+from .. import __version__
 
 NO_TENANT = "none"
 OTHER_METHOD = "other"
@@ -86,27 +86,41 @@ class Metrics:
         self._request_series: set[tuple[str, str, str]] = set()  # to remove a tenant's series on reload
         r = self.registry
         self.requests = Counter(
-            "st_proxy_requests", "Requests answered on the data port, by tenant, method and status code",
-            ["tenant", "method", "code"], registry=r,
+            "st_proxy_requests",
+            "Requests answered on the data port, by tenant, method and status code",
+            ["tenant", "method", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
-            "st_proxy_request_duration_seconds", "Time from receiving a request to the end of its answer",
-            ["tenant"], buckets=REQUEST_BUCKETS, registry=r,
+            "st_proxy_request_duration_seconds",
+            "Time from receiving a request to the end of its answer",
+            ["tenant"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "st_proxy_upstream_errors", "Exchanges with the ServiceTitan API that failed (connect, timeout, reset)",
-            ["tenant", "kind"], registry=r,
+            "st_proxy_upstream_errors",
+            "Exchanges with the ServiceTitan API that failed (connect, timeout, reset)",
+            ["tenant", "kind"],
+            registry=r,
         )
         self.token_fetches = Counter(
-            "st_proxy_token_fetches", "Token requests to the token endpoint, by outcome (success, rejected, error)",
-            ["tenant", "outcome"], registry=r,
+            "st_proxy_token_fetches",
+            "Token requests to the token endpoint, by outcome (success, rejected, error)",
+            ["tenant", "outcome"],
+            registry=r,
         )
         self.token_fetch_duration = Histogram(
-            "st_proxy_token_fetch_duration_seconds", "Duration of one token request", ["tenant"],
-            buckets=TOKEN_BUCKETS, registry=r,
+            "st_proxy_token_fetch_duration_seconds",
+            "Duration of one token request",
+            ["tenant"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.token_replays = Counter(
-            "st_proxy_token_replays", "Requests replayed with a new token after an upstream 401", ["tenant"],
+            "st_proxy_token_replays",
+            "Requests replayed with a new token after an upstream 401",
+            ["tenant"],
             registry=r,
         )
         self.in_flight = Gauge("st_proxy_in_flight_requests", "Requests being handled now", registry=r)
@@ -115,8 +129,9 @@ class Metrics:
         )
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
-        self.build_info = Gauge("st_proxy_build_info", "Always 1; the version label says which build runs",
-                                ["version"], registry=r)
+        self.build_info = Gauge(
+            "st_proxy_build_info", "Always 1; the version label says which build runs", ["version"], registry=r
+        )
         self.build_info.labels(__version__).set(1)
         self._expires_in = _ExpiresIn(clock)
         r.register(self._expires_in)

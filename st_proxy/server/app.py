@@ -17,21 +17,23 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from .config import Config, UpstreamConfig
-from .egress import EgressProxies
-from .forwarding import Forwarder
-from .health import create_admin_app
-from .metrics import Metrics
+from ..config import Config, UpstreamConfig
+from ..http.handler import DataHandler
+from ..http.send import Sender
+from ..ops.admin import create_admin_app
+from ..ops.metrics import Metrics
+from ..upstream.egress import EgressProxies
+from ..upstream.token_client import TokenClient
+from ..upstream.tokens import TokenManager
 from .reload import ConfigHolder
 from .runtime import RUNTIME, Runtime
-from .token_client import TokenClient
-from .tokens import TokenManager
 
-__all__ = ["create_app", "create_admin_app", "RUNTIME"]
+__all__ = ["RUNTIME", "create_admin_app", "create_app"]
 
 
-def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float,
-             decompress: bool = False) -> aiohttp.ClientSession:
+def _session(
+    upstream: UpstreamConfig, *, limit: int, read_timeout: float, decompress: bool = False
+) -> aiohttp.ClientSession:
     ssl_context: ssl.SSLContext | bool = True
     if upstream.ca_file:
         ssl_context = ssl.create_default_context()
@@ -41,8 +43,12 @@ def _session(upstream: UpstreamConfig, *, limit: int, read_timeout: float,
         # `connect` bounds the wait for a pooled connection plus connecting: without it a request queued behind
         # max_connections slow exports waits forever, holding a token that may pass its expiry meanwhile (the default
         # 10 s stays inside the 30 s expiry skew).
-        timeout=aiohttp.ClientTimeout(total=None, connect=upstream.connect_timeout_seconds,
-                                      sock_connect=upstream.connect_timeout_seconds, sock_read=read_timeout),
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=upstream.connect_timeout_seconds,
+            sock_connect=upstream.connect_timeout_seconds,
+            sock_read=read_timeout,
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
         # API answers: Content-Encoding passes through untouched. Token answers are read here, and aiohttp asks for
         # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.
@@ -69,13 +75,20 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         current = runtime.holder.current
-        runtime.api_session = _session(current.upstream, limit=current.upstream.max_connections,
-                                       read_timeout=current.upstream.read_timeout_seconds)
+        runtime.api_session = _session(
+            current.upstream, limit=current.upstream.max_connections, read_timeout=current.upstream.read_timeout_seconds
+        )
         # Token requests get their own pool so they never queue behind slow export downloads.
-        runtime.token_session = _session(current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds,
-                                         decompress=True)
-        client = TokenClient(runtime.token_session, client_auth=current.tokens.client_auth,
-                             scope=current.tokens.scope, clock=clock, egress=egress)
+        runtime.token_session = _session(
+            current.upstream, limit=0, read_timeout=current.tokens.fetch_timeout_seconds, decompress=True
+        )
+        client = TokenClient(
+            runtime.token_session,
+            client_auth=current.tokens.client_auth,
+            scope=current.tokens.scope,
+            clock=clock,
+            egress=egress,
+        )
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
@@ -88,19 +101,18 @@ def create_app(
         await runtime.api_session.close()
         await runtime.token_session.close()
 
-    forwarder = Forwarder(
+    handler = DataHandler(
         config=lambda: runtime.holder.current,
         tokens=lambda: _require(runtime.tokens),
-        session=lambda: _require(runtime.api_session),
+        sender=Sender(session=lambda: _require(runtime.api_session), metrics=runtime.metrics, egress=egress),
         metrics=runtime.metrics,
-        egress=egress,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
-    # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (design.md: passes untouched).
-    app = web.Application(middlewares=[forwarder.unroutable], handler_args={"auto_decompress": False})
+    # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
+    app = web.Application(middlewares=[handler.unroutable], handler_args={"auto_decompress": False})
     app[RUNTIME] = runtime
     app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
 
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .config import Tenant, TokenConfig
-from .errors import TokenRejected, TokenUnavailable
+from ..config import Tenant, TokenConfig
+from ..errors import TokenRejected, TokenUnavailable
 from .token_client import Token, TokenRequestFailed
 
 log = logging.getLogger("st_proxy.tokens")
@@ -168,8 +168,9 @@ class TokenManager:
             task = asyncio.current_task()
             if flight.cancelled() and task is not None and not task.cancelling():
                 # The fetch itself was abandoned (its entry was retired by a reload, or shutdown), not this caller.
-                raise TokenUnavailable("the token request was abandoned; try again", tenant=tenant.tenant_id,
-                                       retry_after=BACKOFF_FIRST) from None
+                raise TokenUnavailable(
+                    "the token request was abandoned; try again", tenant=tenant.tenant_id, retry_after=BACKOFF_FIRST
+                ) from None
             raise
 
     def invalidate(self, tenant: Tenant, token: Token) -> bool:
@@ -182,8 +183,11 @@ class TokenManager:
         if entry.invalidated_at is not None and now - entry.invalidated_at < INVALIDATE_MIN_INTERVAL:
             return False
         entry.token, entry.invalidated_at = None, now
-        log.info("tenant %s: upstream refused the token (401); fetching a new one", tenant.tenant_id,
-                 extra={"event": "token_invalidated", "tenant": tenant.tenant_id})
+        log.info(
+            "tenant %s: upstream refused the token (401); fetching a new one",
+            tenant.tenant_id,
+            extra={"event": "token_invalidated", "tenant": tenant.tenant_id},
+        )
         return True
 
     def record_replay(self, tenant: Tenant) -> None:
@@ -220,11 +224,13 @@ class TokenManager:
             except TokenRequestFailed:
                 raise
             except TimeoutError:
-                raise TokenRequestFailed("timeout", "no token answer within tokens.fetch_timeout_seconds",
-                                         rejected=False) from None
+                raise TokenRequestFailed(
+                    "timeout", "no token answer within tokens.fetch_timeout_seconds", rejected=False
+                ) from None
             except Exception as exc:  # a bug or an unforeseen error is still a transient failure: keep retrying
-                raise TokenRequestFailed("fetch_error", f"token request failed ({type(exc).__name__})",
-                                         rejected=False) from None
+                raise TokenRequestFailed(
+                    "fetch_error", f"token request failed ({type(exc).__name__})", rejected=False
+                ) from None
         except TokenRequestFailed as failure:
             self._failed(entry, failure)
             self._observe(tenant_id, "rejected" if failure.rejected else "error", started)
@@ -234,8 +240,9 @@ class TokenManager:
             entry.last_fetch = self._clock()
             entry.attempted.set()
         if entry.failures or entry.rejected:
-            log.info("tenant %s: token fetch recovered", tenant_id,
-                     extra={"event": "token_recovered", "tenant": tenant_id})
+            log.info(
+                "tenant %s: token fetch recovered", tenant_id, extra={"event": "token_recovered", "tenant": tenant_id}
+            )
         entry.token, entry.rejected, entry.failures, entry.retry_at, entry.last_error = token, False, 0, 0.0, None
         self._observe(tenant_id, "success", started)
         return token
@@ -252,7 +259,9 @@ class TokenManager:
             if changed:
                 log.warning(
                     "tenant %s: token endpoint rejected the credentials (%s); no new attempt for %ss",
-                    tenant_id, failure.code, self.settings.rejected_cooloff_seconds,
+                    tenant_id,
+                    failure.code,
+                    self.settings.rejected_cooloff_seconds,
                     extra={"event": "token_rejected", "tenant": tenant_id, "error": failure.code},
                 )
             return
@@ -266,7 +275,8 @@ class TokenManager:
         if changed:
             log.warning(
                 "tenant %s: token fetch failed (%s); backing off, retrying on demand",
-                tenant_id, failure.code,
+                tenant_id,
+                failure.code,
                 extra={"event": "token_backing_off", "tenant": tenant_id, "error": failure.code},
             )
 

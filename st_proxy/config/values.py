@@ -88,7 +88,8 @@ def describe(raw: object) -> str:
         return "a boolean"
     if isinstance(raw, (int, float)):
         return "a number"
-    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(raw), type(raw).__name__)
+    names: dict[type, str] = {str: "a string", list: "a list", dict: "a mapping"}
+    return names.get(type(raw), type(raw).__name__)
 
 
 def parse_tenant_id(raw: object) -> str | None:
@@ -153,7 +154,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def parse_yaml(text: str) -> object:
     """The YAML document; a syntax error raises ``invalid YAML at line L, column C: problem``."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

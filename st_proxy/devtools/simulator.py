@@ -57,8 +57,11 @@ def parse_tenant_spec(s: str) -> SimTenant:
     if len(parts) != 3:
         raise ValueError("tenant spec must be ID:CLIENT_ID:SECRET: expected three parts separated by ':'")
     tenant_id, client_id, secret = parts
-    for message, failed in (("the tenant id must be digits", not is_digits(tenant_id)),
-                            ("the client id is empty", not client_id), ("the client secret is empty", not secret)):
+    for message, failed in (
+        ("the tenant id must be digits", not is_digits(tenant_id)),
+        ("the client id is empty", not client_id),
+        ("the client secret is empty", not secret),
+    ):
         if failed:
             raise ValueError(f"tenant spec must be ID:CLIENT_ID:SECRET: {message}")
     return SimTenant(tenant_id, client_id, secret)
@@ -122,8 +125,14 @@ def _failure_response(f: _TokenFailure) -> web.Response:
 
 
 class Simulator:
-    def __init__(self, *, tenants: Iterable[SimTenant] = DEMO_TENANTS, app_keys: Iterable[str] = (DEMO_APP_KEY,),
-                 token_ttl: float = 900, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        tenants: Iterable[SimTenant] = DEMO_TENANTS,
+        app_keys: Iterable[str] = (DEMO_APP_KEY,),
+        token_ttl: float = 900,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.tenants: dict[str, SimTenant] = {t.tenant_id: t for t in tenants}
         self.app_keys: set[str] = set(app_keys)
         self.token_ttl = token_ttl
@@ -146,8 +155,9 @@ class Simulator:
     def auth_url(self) -> str:
         return f"{self.base_url}/connect/token"
 
-    def fail_tokens(self, status: int, body: dict | str | None = None, *, times: int | None = None,
-                    headers: dict | None = None) -> None:
+    def fail_tokens(
+        self, status: int, body: dict | str | None = None, *, times: int | None = None, headers: dict | None = None
+    ) -> None:
         self._failure = _TokenFailure(status, body, headers, times)
 
     def clear_failures(self) -> None:
@@ -229,8 +239,12 @@ class Simulator:
             return _oauth_error("invalid_client", "invalid client secret")
 
         ttl = self.token_ttl
-        body = {"access_token": self._issue(tenant, ttl), "expires_in": int(ttl) if float(ttl).is_integer() else ttl,
-                "token_type": "Bearer", "scope": DEMO_SCOPE}
+        body = {
+            "access_token": self._issue(tenant, ttl),
+            "expires_in": int(ttl) if float(ttl).is_integer() else ttl,
+            "token_type": "Bearer",
+            "scope": DEMO_SCOPE,
+        }
         return web.json_response(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})  # RFC 6749 5.1
 
     def _take_failure(self) -> _TokenFailure | None:
@@ -245,8 +259,13 @@ class Simulator:
 
     def _issue(self, tenant: SimTenant, ttl: float) -> str:
         now = self._clock()
-        claims = {"client_id": tenant.client_id, "tenant": tenant.tenant_id, "iat": int(now), "exp": int(now + ttl),
-                  "jti": f"{len(self.issued_tokens) + 1}-{uuid.uuid4().hex}"}
+        claims = {
+            "client_id": tenant.client_id,
+            "tenant": tenant.tenant_id,
+            "iat": int(now),
+            "exp": int(now + ttl),
+            "jti": f"{len(self.issued_tokens) + 1}-{uuid.uuid4().hex}",
+        }
         signing_input = f"{_b64url(_json_bytes({'alg': 'HS256', 'typ': 'JWT'}))}.{_b64url(_json_bytes(claims))}"
         signature = hmac.new(self._signing_key, signing_input.encode(), hashlib.sha256).digest()
         token = f"{signing_input}.{_b64url(signature)}"
@@ -276,9 +295,14 @@ class Simulator:
 
     # ---- control API (for `st-proxy simulate` users) --------------------------------------------------------
     async def _sim_stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"token_requests": self.token_requests, "api_requests": self.api_requests,
-                                  "token_requests_by_client": dict(self.token_requests_by_client),
-                                  "issued_tokens": len(self.issued_tokens)})
+        return web.json_response(
+            {
+                "token_requests": self.token_requests,
+                "api_requests": self.api_requests,
+                "token_requests_by_client": dict(self.token_requests_by_client),
+                "issued_tokens": len(self.issued_tokens),
+            }
+        )
 
     async def _sim_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
@@ -316,5 +340,3 @@ def _client_credentials(request: web.Request, form: dict[str, str]) -> tuple[str
         return None, None, ("invalid_client", "malformed Basic authorization")
     # RFC 6749 section 2.3.1: both parts are form-urlencoded before being joined with ":".
     return unquote_plus(raw_id), unquote_plus(raw_secret), None
-
-

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError
-from .file_watch import FileWatch
-from .metrics import Metrics
-from .tokens import TokenManager
+from ..config import Config, ConfigError
+from ..config.file_watch import FileWatch
+from ..ops.metrics import Metrics
+from ..upstream.tokens import TokenManager
 
 log = logging.getLogger("st_proxy.reload")
 
@@ -161,8 +161,11 @@ class Reloader:
     async def reload_now(self, trigger: str = "request") -> bool:
         """Re-read the config now and apply it if valid. True when applied."""
         if self._load is None:
-            log.info("%s: no config file (no-file mode): the environment is read once at start, nothing to re-read",
-                     trigger, extra={"event": "config_reload_skipped", "trigger": trigger})
+            log.info(
+                "%s: no config file (no-file mode): the environment is read once at start, nothing to re-read",
+                trigger,
+                extra={"event": "config_reload_skipped", "trigger": trigger},
+            )
             return False
         async with self._lock:
             # Snapshots before the read: a change made while loading shows up at the next look instead of being lost.
@@ -191,16 +194,23 @@ class Reloader:
     def _failed(self, trigger: str, problems: list[str]) -> bool:
         self._metrics.config_reloaded(ok=False)
         # ConfigError problems name paths and sources, never a value (config.py), so the line is safe to log.
-        log.error("config reload (%s) failed, keeping the previous config: %s", trigger, "; ".join(problems),
-                  extra={"event": "config_reload_failed", "trigger": trigger, "problems": problems})
+        log.error(
+            "config reload (%s) failed, keeping the previous config: %s",
+            trigger,
+            "; ".join(problems),
+            extra={"event": "config_reload_failed", "trigger": trigger, "problems": problems},
+        )
         return False
 
     def _apply(self, new: Config, trigger: str) -> None:
         old = self.holder.current
         new, fixed = _pin_fixed(old, new)
         if fixed:
-            log.warning("config reload: %s cannot change while running; keeping the values from start-up until a "
-                        "restart", ", ".join(fixed), extra={"event": "config_reload_restart_needed", "keys": fixed})
+            log.warning(
+                "config reload: %s cannot change while running; keeping the values from start-up until a restart",
+                ", ".join(fixed),
+                extra={"event": "config_reload_restart_needed", "keys": fixed},
+            )
         for warning in new.warnings:
             log.warning("config: %s", warning, extra={"event": "config_warning"})
         old_keys = {t.credentials_key() for t in old.tenants.values()}
@@ -216,11 +226,23 @@ class Reloader:
         added = sorted(set(new.tenants) - set(old.tenants), key=int)
         removed = sorted(set(old.tenants) - set(new.tenants), key=int)
         rotated = sorted((t.tenant_id for t in fresh if t.tenant_id in old.tenants), key=int)
-        log.info("config reloaded (%s): %d tenants, added %s, removed %s, credentials changed %s", trigger,
-                 len(new.tenants), _ids(added), _ids(removed), _ids(rotated),
-                 extra={"event": "config_reloaded", "trigger": trigger, "tenants": len(new.tenants),
-                        "tenants_added": added, "tenants_removed": removed, "credentials_changed": rotated,
-                        "tokens_dropped": dropped})
+        log.info(
+            "config reloaded (%s): %d tenants, added %s, removed %s, credentials changed %s",
+            trigger,
+            len(new.tenants),
+            _ids(added),
+            _ids(removed),
+            _ids(rotated),
+            extra={
+                "event": "config_reloaded",
+                "trigger": trigger,
+                "tenants": len(new.tenants),
+                "tenants_added": added,
+                "tenants_removed": removed,
+                "credentials_changed": rotated,
+                "tokens_dropped": dropped,
+            },
+        )
         if tokens is not None and fresh:
             # New credentials get their first token in the background, as at start-up, so the first request for a
             # new tenant usually finds one ready.

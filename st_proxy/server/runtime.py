@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from .metrics import Metrics
+from ..config import Config
+from ..ops.metrics import Metrics
+from ..upstream.tokens import TokenManager
 from .reload import ConfigHolder
-from .tokens import TokenManager
 
 
 @dataclass(eq=False)
@@ -24,6 +25,11 @@ class Runtime:
     token_session: aiohttp.ClientSession | None = None
     draining: bool = False
     started: bool = False  # every configured tenant's first token attempt has finished once
+
+    @property
+    def config(self) -> Config:
+        """The current config; a request reads it once and keeps it, even if a reload swaps it meanwhile."""
+        return self.holder.current
 
     def ready(self) -> bool:
         """Ready once the first token attempt for every tenant has finished, success or not (design.md section 1).

@@ -24,7 +24,7 @@ class SecretError(ValueError):
 class Secret:
     """A resolved secret value with a redacted representation."""
 
-    __slots__ = ("_value", "source", "_fingerprint")
+    __slots__ = ("_fingerprint", "_value", "source")
 
     def __init__(self, value: str, source: str) -> None:
         self._value = value

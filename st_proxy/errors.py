@@ -1,4 +1,4 @@
-"""Errors the proxy itself answers with, and the one place that maps them to responses.
+"""Errors the proxy itself answers with. ``http/problems.py`` is the one place that maps them to responses.
 
     ProxyError                     every error a caller can get from the proxy (never from upstream)
     ├── RequestError               the request itself is wrong: 400 invalid_request, tenant_required, tenant_mismatch,
@@ -12,14 +12,6 @@ one. Messages are written by the proxy; none carries a secret or a token.
 """
 
 from __future__ import annotations
-
-import json
-import math
-
-from aiohttp import web
-
-PROBLEM_TYPE = "https://github.com/st-credential-proxy/st-credential-proxy/blob/main/README.md#errors"
-ERROR_HEADER = "X-ST-Proxy-Error"
 
 
 class ProxyError(Exception):
@@ -92,25 +84,3 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     title = "ServiceTitan API too slow"
-
-
-def problem_response(error: ProxyError, request_id: str | None) -> web.Response:
-    body = {
-        "type": f"{PROBLEM_TYPE}-{error.code}",
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "tenant": error.tenant,
-        "request_id": request_id,
-    }
-    headers = {ERROR_HEADER: error.code}
-    if request_id:
-        headers["X-Request-ID"] = request_id
-    if error.retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-    return web.Response(
-        status=error.status,
-        text=json.dumps(body),
-        content_type="application/problem+json",
-        headers=headers,
-    )

@@ -13,11 +13,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-
 from . import __version__
-from . import log as logsetup
-from .config import Address, Config, ConfigError, from_environment, from_mapping, load_file, parse_address
-from .server import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
+from .config import (
+    Address,
+    Config,
+    ConfigError,
+    from_environment,
+    from_mapping,
+    load_file,
+    parse_address,
+)
+from .ops import log as logsetup
+from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
 
 EXIT_CONFIG = 2
 log = logging.getLogger("st_proxy.cli")
@@ -84,7 +91,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             listen, admin = _address(args.listen), _address(args.admin_listen)
             return run_until_signalled(lambda stop: demo(listen, admin, args.token_ttl, stop))
         if args.command == "simulate":
-            from .simulator import parse_tenant_spec
+            from .devtools.simulator import parse_tenant_spec
 
             try:
                 tenants = [parse_tenant_spec(spec) for spec in args.tenant]
@@ -136,7 +143,7 @@ def summary(config: Config) -> list[str]:
 
 
 async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.Event) -> int:
-    from .simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator
+    from .devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator
 
     sim = Simulator(token_ttl=token_ttl)
     await sim.start("127.0.0.1", 0)
@@ -146,7 +153,11 @@ async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.
         "app_key": {"value": DEMO_APP_KEY},
         "environments": {"simulator": {"auth_url": sim.auth_url, "api_url": sim.base_url}},
         "tenants": {
-            t.tenant_id: {"environment": "simulator", "client_id": t.client_id, "client_secret": {"value": t.client_secret}}
+            t.tenant_id: {
+                "environment": "simulator",
+                "client_id": t.client_id,
+                "client_secret": {"value": t.client_secret},
+            }
             for t in DEMO_TENANTS
         },
     }
@@ -175,7 +186,7 @@ async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.
 
 
 async def simulate(listen: Address, tenants: list, app_key: str | None, token_ttl: float, stop: asyncio.Event) -> int:
-    from .simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator, describe
+    from .devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator, describe
 
     sim = Simulator(tenants=tuple(tenants) or DEMO_TENANTS, app_keys=(app_key or DEMO_APP_KEY,), token_ttl=token_ttl)
     await sim.start(listen.host, listen.port)

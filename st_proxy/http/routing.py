@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from .config import RoutingConfig
-from .config_parse import TENANT_ID
-from .errors import RequestError, TenantMismatch, TenantRequired
+from ..config import RoutingConfig
+from ..config.values import TENANT_ID
+from ..errors import RequestError, TenantMismatch, TenantRequired
 
 # ServiceTitan URLs are {base}/{module}/v{n}/tenant/{tenant id}/... (servicetitan.md, "Calling the API"). re.ASCII:
 # \d would also match other scripts' digits ("٤٢"), which are no tenant id; \Z, not $, which also matches before a
@@ -52,7 +52,9 @@ def resolve_tenant(path: str, headers: Mapping[str, str], routing: RoutingConfig
     from_header = tenant_from_header(headers, routing.tenant_header)
     from_path = tenant_from_path(path)
     if from_header is not None and from_path is not None and from_header != from_path:
-        raise TenantMismatch(f"the {routing.tenant_header} header names tenant {from_header}, the path names {from_path}")
+        raise TenantMismatch(
+            f"the {routing.tenant_header} header names tenant {from_header}, the path names {from_path}"
+        )
     tenant = from_header or from_path or routing.default_tenant
     if tenant is None:
         where = f"a {routing.tenant_header} header or " if routing.tenant_header else ""

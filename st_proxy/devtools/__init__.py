@@ -1,0 +1,1 @@
+"""Tools for development and tests: the bundled ServiceTitan simulator (demo, simulate, the test suite)."""

@@ -1,0 +1,1 @@
+"""What operators see: the admin port, metrics and logs."""

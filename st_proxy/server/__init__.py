@@ -1,0 +1,1 @@
+"""Wiring and running: create_app (the only wiring point), the runtime state, serving, drain and reload."""
