@@ -24,7 +24,7 @@ from yarl import URL
 from ..config import Tenant
 from .egress import DIRECT
 
-DEFAULT_LIFETIME = 900.0  # ServiceTitan's documented lifetime, used when the answer says nothing (docs/servicetitan.md)
+DEFAULT_LIFETIME = 900.0  # ServiceTitan's usual lifetime, used when the answer says nothing (docs/servicetitan.md)
 # RFC 6749 section 5.2 codes that mean the credentials themselves are wrong: retrying soon cannot help.
 REJECTED_CODES = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
 # The ``error`` code is shown to callers (token_rejected detail) and in /tenants: keep it to a plain token. RFC 6749
