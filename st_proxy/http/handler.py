@@ -17,7 +17,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..config import Config
-from ..errors import ProxyError, RequestError, UnknownTenant
+from ..errors import ProxyError, UnknownTenant
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
@@ -29,11 +29,7 @@ from .relay import relay
 from .replay import send_with_replay
 from .routing import resolve_tenant
 from .send import Sender
-
-
-def _origin_form(request: web.Request) -> bool:
-    """RFC 9112 section 3.2.1: ``/path?query``. Absolute-form, authority-form (CONNECT) and ``*`` are refused."""
-    return request.raw_path.startswith("/") and request.method != "CONNECT"
+from .target import check_target, origin_form
 
 
 class DataHandler:
@@ -70,7 +66,7 @@ class DataHandler:
             except ProxyError as error:
                 ex.error = error.code
                 response = problem_response(error, ex.request_id)
-                if not _origin_form(request):
+                if not origin_form(request):
                     # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
                     response.force_close()
                 try:
@@ -96,11 +92,9 @@ class DataHandler:
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
-        # Only origin-form targets: an absolute-form target or CONNECT could aim the proxy at another host.
-        if not _origin_form(request):
-            raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
+        path = check_target(request)  # the path as sent, decoded; never a normalised one
         # Until routing settles on one tenant the log line and metrics name none: a mismatch names two.
-        tenant_id = resolve_tenant(request.path, request.headers, config.routing)
+        tenant_id = resolve_tenant(path, request.headers, config.routing)
         ex.tenant = tenant_id
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
