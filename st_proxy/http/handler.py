@@ -11,7 +11,9 @@ count in the metrics, whatever step it ended in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
 from collections.abc import Callable
 
 from aiohttp import web
@@ -30,6 +32,15 @@ from .replay import send_with_replay
 from .routing import resolve_tenant
 from .send import Sender
 from .target import check_target, origin_form
+
+log = logging.getLogger("st_proxy.handler")
+
+
+def where(exc: BaseException) -> str:
+    """The traceback's frames and the exception's class, without its message or any local variable: a message can
+    quote whatever value the failing code held (a header, a token)."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 class DataHandler:
@@ -64,17 +75,7 @@ class DataHandler:
             try:
                 response = await self._steps(request, ex)
             except ProxyError as error:
-                ex.error = error.code
-                response = problem_response(error, ex.request_id)
-                if not origin_form(request):
-                    # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
-                    response.force_close()
-                try:
-                    await response.prepare(request)
-                    await response.write_eof()
-                    ex.bytes = response.content_length or 0
-                except ConnectionResetError:  # the caller left while we were refusing it
-                    ex.error = "caller_disconnected"
+                response = await self._refuse(request, ex, error)
             except CallerGone:
                 ex.error = "caller_disconnected"
                 response = web.Response(status=CALLER_GONE)  # aiohttp drops it quietly on the closed connection
@@ -85,6 +86,8 @@ class DataHandler:
                 gone = transport is None or transport.is_closing()
                 ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
                 raise
+            except Exception as exc:  # a bug: answered as a problem like any other error, never aiohttp's text page
+                response = await self._failed(request, ex, exc)
             ex.status = response.status
             return response
         finally:
@@ -108,6 +111,35 @@ class DataHandler:
             self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
         )
         return await relay(request, upstream, tenant, ex, self._sender, head=head)
+
+    async def _refuse(self, request: web.Request, ex: Exchange, error: ProxyError) -> web.StreamResponse:
+        ex.error = error.code
+        response = problem_response(error, ex.request_id)
+        if not origin_form(request):
+            # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
+            response.force_close()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+            ex.bytes = response.content_length or 0
+        except ConnectionResetError:  # the caller left while we were refusing it
+            ex.error = "caller_disconnected"
+        return response
+
+    async def _failed(self, request: web.Request, ex: Exchange, exc: Exception) -> web.StreamResponse:
+        """An unexpected exception: logged once with where it happened, answered 500 ``internal_error``."""
+        log.error(
+            "request %s failed inside the proxy (%s)",
+            ex.request_id,
+            type(exc).__name__,
+            extra={"event": "internal_error", "request_id": ex.request_id, "exception": where(exc)},
+        )
+        if ex.answering:  # the status line is already sent: all that is left is to cut the connection
+            ex.error = "internal_error"
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)
+        return await self._refuse(request, ex, ProxyError("the proxy failed while handling this request"))
 
     def _finish(self, request: web.Request, ex: Exchange, seconds: float) -> None:
         self._metrics.in_flight.dec()

@@ -55,6 +55,7 @@ async def relay(
     want_trace = upstream.status >= 400
     try:
         await response.prepare(request)
+        ex.answering = True
         async for chunk in _prefixed(head, upstream.content.iter_chunked(CHUNK)):
             if want_trace and ex.bytes == 0:
                 ex.trace_id = _trace_id(chunk)
