@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..errors import RequestError
 
+
 def origin_form(request: web.Request) -> bool:
     """RFC 9112 section 3.2.1: ``/path?query``. Absolute-form, authority-form (CONNECT) and ``*`` are refused."""
     return request.raw_path.startswith("/") and request.method != "CONNECT"
