@@ -26,6 +26,7 @@ from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body
 from .exchange import CALLER_GONE, CallerGone, Exchange
+from .inflight import InFlight
 from .problems import problem_response
 from .relay import relay
 from .replay import send_with_replay
@@ -34,6 +35,7 @@ from .send import Sender
 from .target import check_target, origin_form
 
 log = logging.getLogger("st_proxy.handler")
+SHUTDOWN_CUT = 503  # logged and counted for a request the shutdown cut off; like 499, never sent
 
 
 def where(exc: BaseException) -> str:
@@ -51,11 +53,13 @@ class DataHandler:
         tokens: Callable[[], TokenManager],
         sender: Sender,
         metrics: Metrics,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._config = config
         self._tokens = tokens
         self._sender = sender
         self._metrics = metrics
+        self._in_flight = in_flight or InFlight()
 
     @web.middleware
     async def unroutable(self, request: web.Request, handler) -> web.StreamResponse:
@@ -71,6 +75,7 @@ class DataHandler:
         started = time.perf_counter()
         ex = Exchange(hdrs.request_id(request.headers))
         self._metrics.in_flight.inc()
+        self._in_flight.enter()
         try:
             try:
                 response = await self._steps(request, ex)
@@ -80,17 +85,21 @@ class DataHandler:
                 ex.error = "caller_disconnected"
                 response = web.Response(status=CALLER_GONE)  # aiohttp drops it quietly on the closed connection
             except asyncio.CancelledError:
-                # A server run with handler_cancellation=True (aiohttp's test server does) cancels the handler when
-                # the caller hangs up; otherwise only a shutdown that ran out of time does.
-                transport = request.transport
-                gone = transport is None or transport.is_closing()
-                ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
+                # The server runs with handler_cancellation=True: the handler is cancelled when the caller hangs up,
+                # and by a shutdown whose timeout ran out, which serve() marks first (http/inflight.py).
+                if self._in_flight.cut_off:
+                    ex.status, ex.error = SHUTDOWN_CUT, "shutdown"
+                else:
+                    transport = request.transport
+                    gone = transport is None or transport.is_closing()
+                    ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
                 raise
             except Exception as exc:  # a bug: answered as a problem like any other error, never aiohttp's text page
                 response = await self._failed(request, ex, exc)
             ex.status = response.status
             return response
         finally:
+            self._in_flight.leave()
             self._finish(request, ex, time.perf_counter() - started)
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
