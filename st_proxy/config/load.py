@@ -189,15 +189,17 @@ def _tenants(
         return {}
     known, written = environments
     result = {}
+    seen: set[str] = set()  # not ``result``: an entry with problems of its own is listed too ("77" and 77)
     for key, spec in raw.items():
         tenant_id = parse_tenant_id(key)
         path = _join("tenants", key)
         if tenant_id is None:
             problems.add(path, "a tenant id must be digits")
             continue
-        if tenant_id in result:
+        if tenant_id in seen:
             problems.add(path, "tenant listed twice")
             continue
+        seen.add(tenant_id)
         if not isinstance(spec, Mapping):
             problems.add(path, f"expected a mapping with client_id and client_secret, got {describe(spec)}")
             continue
