@@ -8,6 +8,7 @@ import math
 from aiohttp import web
 
 from ..errors import ProxyError
+from .headers import SERVER
 
 PROBLEM_TYPE = "https://github.com/st-credential-proxy/st-credential-proxy/blob/main/README.md#errors"
 ERROR_HEADER = "X-ST-Proxy-Error"
@@ -22,7 +23,7 @@ def problem_response(error: ProxyError, request_id: str | None) -> web.Response:
         "tenant": error.tenant,
         "request_id": request_id,
     }
-    headers = {ERROR_HEADER: error.code}
+    headers = {ERROR_HEADER: error.code, "Server": SERVER}
     if request_id:
         headers["X-Request-ID"] = request_id
     if error.retry_after is not None:

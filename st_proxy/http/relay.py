@@ -45,11 +45,9 @@ async def relay(
     head: bytes = b"",
 ) -> web.StreamResponse:
     """Stream ``upstream`` to the caller; ``head`` is what was already read of its body (a 401's first bytes)."""
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=hdrs.downstream_response_headers(upstream.headers, ex.request_id),
-    )
+    headers = hdrs.downstream_response_headers(upstream.headers, ex.request_id)
+    headers.setdefault("Server", hdrs.SERVER)  # the upstream's own is kept; else aiohttp would add its versioned one
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None and upstream.status not in (204, 304) and upstream.status >= 200:
         response.content_length = upstream.content_length
     want_trace = upstream.status >= 400
