@@ -30,7 +30,7 @@ def _trace_id(body: bytes) -> str | None:
     """ServiceTitan's ``traceId`` from an error body, for the access log line (support tickets ask for it)."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any bytes: JSON nested too deep for the decoder raises RecursionError
         return None
     trace = data.get("traceId") if isinstance(data, dict) else None
     return trace if isinstance(trace, str) and len(trace) <= 128 else None

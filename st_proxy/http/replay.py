@@ -54,7 +54,7 @@ async def send_with_replay(
             upstream.release()  # free the pool slot before waiting on a token: other tenants must not queue behind
         try:
             problem = json.loads(error_body)
-        except ValueError:
+        except (ValueError, RecursionError):  # any bytes: JSON nested too deep for the decoder raises RecursionError
             problem = None
         title = problem.get("title") if isinstance(problem, dict) else None
         if isinstance(title, str) and title.startswith(APP_KEY_TITLE):
