@@ -436,7 +436,9 @@ async def test_the_compose_demo_credentials_work_against_the_bundled_simulator(s
     running = await start_proxy(from_mapping(raw, {}))
     app = services_client(compose()["services"])
     for tenant in DEMO_TENANTS:
-        async with running.session.get(f"{running.url}/crm/v2/tenant/{tenant.tenant_id}/customers", headers=app) as resp:
+        async with running.session.get(
+            f"{running.url}/crm/v2/tenant/{tenant.tenant_id}/customers", headers=app
+        ) as resp:
             assert resp.status == 200
     assert simulator.token_requests_by_client[T1.client_id] == 1
 

@@ -2,7 +2,10 @@
 
 The request path, as steps (docs/architecture.md):
 
-    check target -> route -> look up tenant -> read body -> token -> send (and replay) -> relay
+    check target -> require header -> authenticate -> route -> authorize -> look up tenant -> read body -> token
+    -> send (and replay) -> relay
+
+``POST /connect/token`` is answered by the local token endpoint (inbound/token_endpoint.py), never forwarded.
 
 Path, query, method and body are forwarded exactly as received. Every request ends in one access log line and one
 count in the metrics, whatever step it ended in.
@@ -18,6 +21,8 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import ProxyError, RequestError, UnknownTenant
+from ..inbound import token_endpoint
+from ..inbound.gate import TOKEN_PATH, Inbound
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
@@ -44,7 +49,9 @@ class DataHandler:
         tokens: Callable[[], TokenManager],
         sender: Sender,
         metrics: Metrics,
+        inbound: Inbound,
     ) -> None:
+        self._inbound = inbound
         self._config = config
         self._tokens = tokens
         self._sender = sender
@@ -99,9 +106,14 @@ class DataHandler:
         # Only origin-form targets: an absolute-form target or CONNECT could aim the proxy at another host.
         if not _origin_form(request):
             raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
+        self._inbound.check_header(request.path, request.headers, config)
+        if request.path == TOKEN_PATH:
+            return await token_endpoint.answer(request, config, self._inbound, ex)
+        client = self._inbound.authenticate(request.headers.getall("Authorization", []), config, ex)
         # Until routing settles on one tenant the log line and metrics name none: a mismatch names two.
         tenant_id = resolve_tenant(request.path, request.headers, config.routing)
         ex.tenant = tenant_id
+        self._inbound.authorize(client, tenant_id, config)
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
@@ -118,6 +130,7 @@ class DataHandler:
     def _finish(self, request: web.Request, ex: Exchange, seconds: float) -> None:
         self._metrics.in_flight.dec()
         self._metrics.request_done(ex.tenant, request.method, ex.status, seconds)
+        self._inbound.observe(ex, self._config())
         fields: dict[str, object] = dict(
             request_id=ex.request_id,
             tenant=ex.tenant,
@@ -128,6 +141,8 @@ class DataHandler:
             upstream_ms=ex.upstream_ms,
             bytes=ex.bytes,
         )
+        if ex.client:  # with clients configured: who made the request (docs/security.md)
+            fields["client"] = ex.client
         if ex.error:
             fields["error"] = ex.error
         if ex.trace_id:

@@ -223,6 +223,7 @@ class Reloader:
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
         self._metrics.set_tenants(new.tenants)
+        self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
         self._metrics.config_reloaded(ok=True)
