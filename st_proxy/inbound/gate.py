@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
+from aiohttp import web
+
 from ..config import Config
 from ..config.clients import Client
 from ..errors import ClientThrottled, ClientUnauthorized, HeaderRequired, TenantForbidden, UnknownTenant
@@ -131,3 +133,6 @@ class Inbound:
             self.metrics.auth_result(ex.claimed, result)
         elif ex.client is not None:
             self.metrics.auth_result(ex.client, "ok")
+
+
+INBOUND = web.AppKey("inbound", Inbound)

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
 from ..http.send import Sender
-from ..inbound.gate import Inbound
+from ..inbound.gate import INBOUND, Inbound
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
 from ..upstream.egress import EgressProxies
@@ -108,12 +108,13 @@ def create_app(
         tokens=lambda: _require(runtime.tokens),
         sender=Sender(session=lambda: _require(runtime.api_session), metrics=runtime.metrics, egress=egress),
         metrics=runtime.metrics,
-        inbound=Inbound(metrics=runtime.metrics.clients, clock=clock),
+        inbound=(inbound := Inbound(metrics=runtime.metrics.clients, clock=clock)),
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
     app = web.Application(middlewares=[handler.unroutable], handler_args={"auto_decompress": False})
     app[RUNTIME] = runtime
+    app[INBOUND] = inbound
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
