@@ -96,6 +96,7 @@ def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_c
         "STProxyRequestsWithoutConfiguredTenant",
         "STProxyDown",
         "STProxyConfigReloadFailing",
+        "STProxyClientAuthFailures",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
@@ -152,6 +153,8 @@ def test_the_dashboard_has_the_panels_an_operator_needs():
         "in-flight requests": r"st_proxy_in_flight_requests",
         "upstream errors by kind": r"sum by \(kind\) \(rate\(st_proxy_upstream_errors_total",
         "429s": r'st_proxy_requests_total\{[^}]*code="429"',
+        "client authentication by result": r"sum by \(client, result\) \(increase\(st_proxy_client_auth_total",
+        "local tokens issued": r"sum by \(client\) \(increase\(st_proxy_local_tokens_issued_total",
     }
     missing = [what for what, pattern in needed.items() if not re.search(pattern, exprs)]
     assert not missing
