@@ -118,7 +118,10 @@ class DataHandler:
         if tenant is None:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
         body, replayable = await read_body(
-            request, keep_up_to=config.tokens.replay_body_limit_bytes, tenant=tenant.tenant_id
+            request,
+            keep_up_to=config.tokens.replay_body_limit_bytes,
+            tenant=tenant.tenant_id,
+            limit=config.security.max_body_bytes,
         )
         tokens = self._tokens()
         token = await tokens.get(tenant)
