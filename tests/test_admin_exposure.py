@@ -67,3 +67,19 @@ async def test_a_real_prometheus_with_the_examples_authorization_scrapes_a_token
         return bool(result) and result[0]["value"][1] == "1" and bool(await prom.query("st_proxy_build_info"))
 
     await prom.wait_for("a successful scrape with the admin token", scraped)
+
+
+async def test_the_proxys_own_answers_say_server_st_proxy_without_versions_upstream_answers_pass_unchanged(
+    simulator, start_proxy
+):
+    proxy = await start_proxy(sim_config(simulator), prewarm=False)
+    async with proxy.session.get(proxy.url + "/no/tenant") as resp:  # the proxy's own problem answer
+        assert resp.status == 400 and resp.headers["Server"] == "st-proxy"
+    async with proxy.session.post(proxy.url + "/connect/token", data={"grant_type": "client_credentials"}) as resp:
+        assert resp.headers["Server"] == "st-proxy"
+    async with proxy.session.get(proxy.admin_url + "/healthz") as resp:
+        assert resp.headers["Server"] == "st-proxy"
+    async with proxy.session.get(f"{proxy.url}/crm/v2/tenant/1000001/customers") as resp:
+        assert resp.status == 200
+        # The simulator is an aiohttp server too: its own Server header arrives as it sent it.
+        assert resp.headers["Server"].startswith("Python/")

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ..config import Config
+from ..http.headers import server_header
 from ..upstream.tokens import TokenManager, TokenStatus
 from .metrics import Metrics
 
@@ -104,6 +105,7 @@ async def guard(request: web.Request, handler) -> web.StreamResponse:
 
 def create_admin_app(runtime: AdminSource) -> web.Application:
     app = web.Application(middlewares=[guard])
+    app.on_response_prepare.append(server_header)
     app[SOURCE] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
+from ..http.headers import server_header
 from ..http.send import Sender
 from ..inbound.gate import INBOUND, Inbound
 from ..ops.admin import create_admin_app
@@ -113,6 +114,7 @@ def create_app(
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
     app = web.Application(middlewares=[handler.unroutable], handler_args={"auto_decompress": False})
+    app.on_response_prepare.append(server_header)
     app[RUNTIME] = runtime
     app[INBOUND] = inbound
     app.cleanup_ctx.append(lifecycle)
