@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from . import env_mode
-from .clients import STRONG_SECRET_CHARS, parse_clients
+from .clients import STRONG_SECRET_CHARS, Client, parse_clients
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -30,9 +30,10 @@ from .model import (
     UpstreamConfig,
 )
 from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
-from .security import exposure, parse_security
+from .security import SecurityConfig, exposure, parse_security
 from .values import (
     HEADER_NAME,
+    Address,
     addresses_clash,
     describe,
     parse_address,
@@ -69,17 +70,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
 }
-_TOP_KEYS = (
-    "listen",
-    "admin_listen",
-    "app_key",
-    "environments",
-    "routing",
-    "tenants",
-    *_SECTIONS,
-    "clients",
-    "security",
-)
+_TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
+_TOP_KEYS += ("clients", "security")  # clients.py, security.py
 _TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
 
 
@@ -321,7 +313,9 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     )
 
 
-def _callers(problems: _Problems, raw: Mapping[Any, Any], environ: Mapping[str, str], listen: Any) -> tuple[Any, Any]:
+def _callers(
+    problems: _Problems, raw: Mapping[Any, Any], environ: Mapping[str, str], listen: Address | None
+) -> tuple[Mapping[str, Client], SecurityConfig]:
     """``clients`` and ``security`` (clients.py, security.py), and the closed-by-default rule for the data port."""
 
     def secret(path: str, ref: object) -> tuple[Secret, SecretRef] | None:

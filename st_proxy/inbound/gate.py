@@ -18,6 +18,7 @@ from aiohttp import web
 from ..config import Config
 from ..config.clients import Client
 from ..errors import ClientThrottled, ClientUnauthorized, HeaderRequired, TenantForbidden, UnknownTenant
+from ..http.exchange import Exchange
 from ..ops.client_metrics import ClientMetrics
 from . import local_tokens
 from .credentials import Basic, Bearer, read_authorization
@@ -57,7 +58,7 @@ class Inbound:
         if name and name not in headers and path != TOKEN_PATH:
             raise HeaderRequired(f"requests to this proxy must carry the {name} header")
 
-    def authenticate(self, authorization: list[str], config: Config, ex) -> Client | None:
+    def authenticate(self, authorization: list[str], config: Config, ex: Exchange) -> Client | None:
         """The calling client; None when no clients are configured (then callers are not authenticated).
         ``authorization``: every Authorization header sent; more than one is refused, as ambiguous."""
         registry = self.registry(config)
@@ -76,7 +77,7 @@ class Inbound:
         ex.client = entry.client.name
         return entry.client
 
-    def check_token(self, registry: ClientRegistry, token: str, ex) -> Entry:
+    def check_token(self, registry: ClientRegistry, token: str, ex: Exchange) -> Entry:
         claims = local_tokens.parse(token)
         entry = registry.get(claims.client_name) if claims else None
         if claims is None or entry is None:
@@ -88,7 +89,7 @@ class Inbound:
             )
         return entry
 
-    def check_basic(self, registry: ClientRegistry, basic: Basic, ex) -> tuple[Entry, int]:
+    def check_basic(self, registry: ClientRegistry, basic: Basic, ex: Exchange) -> tuple[Entry, int]:
         """The client and which of its secrets matched; ClientThrottled / ClientUnauthorized otherwise."""
         claimed = None
         for name, secret in basic.candidates:
@@ -124,7 +125,7 @@ class Inbound:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
-    def observe(self, ex, config: Config) -> None:
+    def observe(self, ex: Exchange, config: Config) -> None:
         """``st_proxy_client_auth_total`` for one finished request, when clients are configured."""
         if not config.clients:
             return
