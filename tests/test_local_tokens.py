@@ -27,10 +27,12 @@ from client_setup import (
 )
 from conftest import T1, T2, sim_config
 from serve_process import ServeProcess, write_config
+from test_metrics import Scrape
 
 from st_proxy.config import from_mapping
 from st_proxy.devtools.simulator import DEMO_APP_KEY
 from st_proxy.inbound import local_tokens
+from st_proxy.server.reload import Reloader
 
 SIGNING_KEY = "sk1.SIGNING-key-do-not-print-0123456789abcdef"
 
@@ -270,11 +272,18 @@ async def test_clients_added_rotated_and_removed_by_a_reload_of_the_real_process
             assert await get(bearer(old)) == 401  # its secret is gone
             assert await get(basic(BILLING, BILLING_OLD)) == 200
 
+            async def client_series() -> set[str]:
+                async with session.get(child.admin_url + "/metrics") as r:
+                    return {s["client"] for s in Scrape(await r.text()).series("st_proxy_client_auth_total")}
+
+            assert await client_series() == {BILLING, OPS, "none"}  # the added client's series exist at once
+
             # Removing every client of a loopback proxy is allowed: callers are then not authenticated.
             raw.pop("clients")
             _replace(path, yaml.safe_dump(raw))
             await child.wait_event("config_reloaded", count=2)
             assert await get({}) == 200
+            assert await client_series() == {"none"}  # removed clients' series are gone
     finally:
         await child.close()
     for secret in (BILLING_SECRET, BILLING_OLD, OPS_SECRET, old):
@@ -288,10 +297,6 @@ def _replace(path: Path, text: str) -> None:
 
 
 async def test_a_reload_that_would_leave_the_bound_port_open_fails_and_the_old_config_stays(simulator, start_proxy):
-    from test_metrics import Scrape
-
-    from st_proxy.server.reload import Reloader
-
     bound_open = clients_config(simulator, listen="0.0.0.0:8080")  # as if bound beyond loopback, never bound here
     proxy = await start_proxy(bound_open, prewarm=False)
     # The new file says loopback and has no clients: judged against the listener that is bound, it must fail.
