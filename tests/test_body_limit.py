@@ -92,7 +92,7 @@ async def test_a_chunked_body_past_the_limit_aborts_the_upstream_before_its_fina
         await upstream.stop()
     head, _, body = bytes(upstream.received).partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
-    assert body.count(b"x") == 600  # the part within the limit went out, streamed ...
+    assert 600 <= body.count(b"x") <= LIMIT  # the part within the limit went out, streamed ...
     assert not body.endswith(b"0\r\n\r\n")  # ... but never the last chunk: the request is incomplete upstream
 
 
