@@ -23,6 +23,7 @@ from .config import (
     load_file,
     parse_address,
 )
+from .inbound.summary import security_summary
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
 
@@ -139,7 +140,7 @@ def summary(config: Config) -> list[str]:
             f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
             f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
-    return lines
+    return lines + security_summary(config)
 
 
 async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.Event) -> int:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from . import env_mode
+from .clients import STRONG_SECRET_CHARS, Client, parse_clients
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -29,11 +30,12 @@ from .model import (
     UpstreamConfig,
 )
 from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
+from .security import SecurityConfig, exposure, parse_security
 from .values import (
     HEADER_NAME,
+    Address,
     addresses_clash,
     describe,
-    is_loopback,
     parse_address,
     parse_tenant_id,
     parse_url,
@@ -69,6 +71,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
 }
 _TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
+_TOP_KEYS += ("clients", "security")  # clients.py, security.py
 _TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
 
 
@@ -263,12 +266,6 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
             addresses[key] = parse_address(raw[key]) if key in raw else default
         except ValueError as exc:
             problems.add(key, str(exc))
-    if "listen" in addresses and not is_loopback(addresses["listen"]):
-        # docs/operations.md: whoever reaches the data port acts with every tenant's credentials.
-        problems.warnings.append(
-            f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
-            "can connect acts with every tenant's credentials"
-        )
     if len(addresses) == 2 and addresses_clash(addresses["listen"], addresses["admin_listen"]):
         problems.add(
             "admin_listen",
@@ -296,6 +293,8 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
 
+    clients, security = _callers(problems, raw, environ, addresses.get("listen"))
+
     if problems.items:
         raise ConfigError(problems.items)
     assert app_key is not None
@@ -311,7 +310,35 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         warnings=tuple(problems.warnings),
         secret_files=tuple(dict.fromkeys(problems.secret_files)),
         **sections,
+        clients=MappingProxyType(dict(clients)),
+        security=security,
     )
+
+
+def _callers(
+    problems: _Problems, raw: Mapping[Any, Any], environ: Mapping[str, str], listen: Address | None
+) -> tuple[Mapping[str, Client], SecurityConfig]:
+    """``clients`` and ``security`` (clients.py, security.py), and the closed-by-default rule for the data port."""
+
+    def secret(path: str, ref: object) -> tuple[Secret, SecretRef] | None:
+        return _secret(problems, path, ref, environ, header=True)
+
+    clients = parse_clients(raw.get("clients"), secret=secret, add=problems.add)
+    security = parse_security(raw.get("security"), secret=secret, add=problems.add)
+    if listen is not None and not ("clients" in raw and raw["clients"] and not clients):  # broken clients: said above
+        refused, warned = exposure(listen, clients=len(clients), client_certificates=False, security=security)
+        problems.items.extend(refused)
+        problems.warnings.extend(warned)
+    if security.token_signing_key is None:
+        for client in clients.values():
+            for ref, value in zip(client.secret_refs, client.secrets, strict=True):
+                if len(value.reveal()) < STRONG_SECRET_CHARS:
+                    problems.warnings.append(
+                        f"clients.{client.name}: the secret from {ref.describe()} has fewer than {STRONG_SECRET_CHARS} "
+                        "characters and no security.token_signing_key is set: local tokens are signed with a key "
+                        "derived from it, so a leaked token allows guessing it offline"
+                    )
+    return clients, security
 
 
 def load_file(path: str | Path, environ: Mapping[str, str]) -> Config:

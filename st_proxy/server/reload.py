@@ -28,6 +28,7 @@ import yaml
 from ..config import Config, ConfigError
 from ..config.file_watch import FileWatch
 from ..config.load import file_refs
+from ..config.security import exposure
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 
@@ -171,6 +172,9 @@ class Reloader:
             except Exception as exc:  # a bug must not take the running config down with it
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
             self._failed_refs = ()
+            refused = _still_closed(self.holder.current, new)
+            if refused:
+                return self._failed(trigger, refused)
             missing = [p for p in new.secret_files if p not in self._watch.paths]
             if missing:
                 self._watch.watch([*self._watch.paths, *missing])
@@ -214,6 +218,7 @@ class Reloader:
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
         self._metrics.set_tenants(new.tenants)
+        self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
         self._metrics.config_reloaded(ok=True)
@@ -242,6 +247,13 @@ class Reloader:
             # New credentials get their first token in the background, as at start-up, so the first request for a
             # new tenant usually finds one ready.
             self._spawn(tokens.prewarm(fresh), "token-prewarm-reload")
+
+
+def _still_closed(old: Config, new: Config) -> list[str]:
+    """The closed-by-default rule against the listener that is bound (``listen`` keeps its start-up value), so a
+    reload can never leave a non-loopback data port without caller authentication (docs/security.md)."""
+    refused, _ = exposure(old.listen, clients=len(new.clients), client_certificates=False, security=new.security)
+    return refused
 
 
 def _ids(ids: Iterable[str]) -> str:
