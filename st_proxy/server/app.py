@@ -28,7 +28,10 @@ from ..upstream.tokens import TokenManager
 from .reload import ConfigHolder
 from .runtime import RUNTIME, Runtime
 
-__all__ = ["RUNTIME", "create_admin_app", "create_app"]
+__all__ = ["DATA_HANDLER", "RUNTIME", "create_admin_app", "create_app"]
+
+# The data port's request handler, for serving the app's requests without its router (bench/serving_layer.py).
+DATA_HANDLER = web.AppKey("data_handler", DataHandler)
 
 
 def _session(
@@ -111,6 +114,7 @@ def create_app(
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
     app = web.Application(middlewares=[handler.unroutable], handler_args={"auto_decompress": False})
     app[RUNTIME] = runtime
+    app[DATA_HANDLER] = handler
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app
