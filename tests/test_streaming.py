@@ -84,13 +84,12 @@ class Upstream:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server) -> Upstream:
+async def upstream(fake_upstream) -> Upstream:
     up = Upstream()
     app = web.Application()
     app.router.add_put(f"{TENANT_PATH}/attachments/1", up.receive)
     app.router.add_get(f"{TENANT_PATH}/attachments/1", up.send)
-    server = await aiohttp_server(app)
-    up.url = str(server.make_url("")).rstrip("/")
+    up.url = await fake_upstream(app)
     return up
 
 
