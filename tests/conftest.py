@@ -21,6 +21,7 @@ from st_proxy.config import Config, from_mapping
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS, Simulator
 from st_proxy.ops import log as logsetup
 from st_proxy.server.app import create_admin_app, create_app
+from st_proxy.server.data_port import DataRunner
 from st_proxy.server.runtime import RUNTIME, Runtime
 
 T1, T2 = DEMO_TENANTS[0], DEMO_TENANTS[1]
@@ -126,16 +127,28 @@ class RunningProxy:
             return await resp.text()
 
 
+class DataTestServer(TestServer):
+    """aiohttp's test server for the data app, serving it as `st-proxy serve` does: through the low-level web.Server
+    (server/data_port.DataRunner), not the app's router. Like every aiohttp test server it cancels a handler whose
+    caller hangs up (handler_cancellation=True)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return DataRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def start_proxy(aiohttp_server) -> AsyncIterator[Callable[..., Awaitable[RunningProxy]]]:
     sessions: list[aiohttp.ClientSession] = []
+    servers: list[TestServer] = []
 
     async def start(config: Config, **kwargs: Any) -> RunningProxy:
         registry = kwargs.pop("registry", None) or CollectorRegistry()
         kwargs.setdefault("rng", random.Random(7))
         kwargs.setdefault("environ", {})  # no HTTP(S)_PROXY from the machine: tests talk to loopback directly
         app = create_app(config, registry=registry, **kwargs)
-        server = await aiohttp_server(app)
+        server = DataTestServer(app)
+        servers.append(server)
+        await server.start_server()
         admin = await aiohttp_server(create_admin_app(app[RUNTIME]))
         session = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         sessions.append(session)
@@ -144,6 +157,8 @@ async def start_proxy(aiohttp_server) -> AsyncIterator[Callable[..., Awaitable[R
     yield start
     for session in sessions:
         await session.close()
+    while servers:
+        await servers.pop().close()
 
 
 @pytest.fixture

@@ -48,9 +48,15 @@ def run_until_signalled(body: Callable[[Stop], object]) -> int:
 
 
 async def start_site(
-    app: web.Application, address: Address, *, shutdown_timeout: float = 60.0
-) -> tuple[web.AppRunner, Address]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    app: web.Application,
+    address: Address,
+    *,
+    shutdown_timeout: float = 60.0,
+    runner_class: Callable[..., web.BaseRunner] = web.AppRunner,
+) -> tuple[web.BaseRunner, Address]:
+    """Serve ``app`` on ``address`` through ``runner_class``: the router (web.AppRunner, the admin app) or the data
+    port's low-level server (data_port.DataRunner)."""
+    runner = runner_class(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
     try:
@@ -77,13 +83,15 @@ async def serve(
 
     Shutdown, on SIGTERM: /readyz answers 503 at once so load balancers and Kubernetes endpoints stop sending new
     work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).
-    Then the listener closes (new connections are refused) and aiohttp's ``AppRunner.cleanup`` closes idle
+    Then the listener closes (new connections are refused) and ``DataRunner.cleanup`` (aiohttp's) closes idle
     keep-alive connections and waits up to ``shutdown.timeout_seconds`` for every in-flight request, streams
     included, before cancelling what is left (aiohttp 3.14 ``web_runner.BaseRunner.cleanup`` ->
-    ``web_protocol.RequestHandler.shutdown``). The admin port stays up to the end, so probes see the 503.
+    ``web_protocol.RequestHandler.shutdown``), and only then closes the client sessions (``DataRunner``). The admin
+    port stays up to the end, so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
     from .app import RUNTIME, create_admin_app, create_app
+    from .data_port import DataRunner
     from .reload import Reloader
 
     app = create_app(config)
@@ -99,7 +107,9 @@ async def serve(
 
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
-    data_runner, data_addr = await start_site(app, config.listen, shutdown_timeout=shutdown.timeout_seconds)
+    data_runner, data_addr = await start_site(
+        app, config.listen, shutdown_timeout=shutdown.timeout_seconds, runner_class=DataRunner
+    )
     try:
         admin_runner, admin_addr = await start_site(
             create_admin_app(runtime), config.admin_listen, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
