@@ -1,11 +1,12 @@
 """Which aiohttp layer should serve the data port: the `web.Application` (router + middleware) or `web.Server`?
 
 Both variants run the same `create_app(config)` objects in a child process of their own (this file, run as a
-script): `application` serves the app through `web.AppRunner` exactly as `st-proxy serve` does (one catch-all route
-and the `unroutable` middleware); `server` starts the same app (its cleanup context opens the client sessions) but
-serves its `DataHandler.handle` through the low-level `web.Server` and `web.ServerRunner`, with no router, no
-middleware and no `Request` object. Both use the production defaults: no access log from aiohttp, the proxy's own
-access log line at --log-level, request bodies not inflated.
+script), started by `serve.start_site` as `st-proxy serve` starts its data port, with the same per-answer drain hook:
+`application` serves the app through `web.AppRunner` (one catch-all route and the `unroutable` middleware), `server`
+through `data_port.DataRunner`: the low-level `web.Server` calling `DataHandler.handle`, with no router, no middleware
+and no `web.Request` (what `st-proxy serve` uses since this measurement, docs/serving-layer.md). Both use the
+production defaults: no access log from aiohttp, the proxy's own access log line at --log-level, request bodies not
+inflated.
 
 The upstream is Debian's nginx answering a fixed --body-bytes JSON body on loopback (or the simulator with
 `--upstream simulator`); tokens come from the simulator once, at prewarm. Runs are interleaved, in ABBA order per
@@ -26,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import common
+from aiohttp import web
 
 SCENARIO = "serving_layer"
 HELP = "the data port served by web.Application (router + middleware) vs the low-level web.Server, interleaved"
@@ -40,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", choices=("nginx", "simulator"), default="nginx")
     parser.add_argument("--body-bytes", type=int, default=300, help="size of nginx's answer")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--handler",
+        choices=("proxy", "trivial"),
+        default="proxy",
+        help="proxy: the real data handler; trivial: a handler answering a fixed body, for the layer's own cost",
+    )
 
 
 NGINX_CONF = """
@@ -93,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         config = common.write_config(Path(tmp), auth_url=f"{sim.url}/connect/token", api_url=api_url)
         proxies = {
             layer: common.start_proxy(
-                procs, config, argv=[sys.executable, __file__, "--child", layer, str(config), args.log_level]
+                procs,
+                config,
+                argv=[sys.executable, __file__, "--child", layer, str(config), args.log_level, args.handler],
             )
             for layer in LAYERS
         }
@@ -112,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrk -t2 -c{args.connections} -d{args.seconds}s GET {path} through the proxy to {args.upstream}"
         f"{f' ({args.body_bytes}-byte body)' if args.upstream == 'nginx' else ''}, proxy log level {args.log_level}, "
         f"{os.cpu_count()} cores shared by wrk, the proxies, the upstream"
+        + (", TRIVIAL handler (a fixed 300-byte answer, no proxying)" if args.handler == "trivial" else "")
     )
     header = ["", "req/s", "p50 ms", "p99 ms", "CPU us/req", "non-2xx"]
     print(common.table(header, rows))
@@ -142,36 +153,68 @@ def run(args: argparse.Namespace) -> int:
 # ---- the child: one proxy served through one layer --------------------------------------------------------------
 
 
-def _child(layer: str, config_path: str, log_level: str) -> int:
-    from aiohttp import web
+TRIVIAL_BODY = b'{"data":"' + b"x" * 289 + b'"}'  # 300 bytes, like nginx's
 
+
+async def _trivial(request: web.BaseRequest) -> web.Response:
+    return web.Response(body=TRIVIAL_BODY, content_type="application/json")
+
+
+@web.middleware
+async def _passthrough(request: web.Request, handler) -> web.StreamResponse:
+    """The shape of DataHandler.unroutable: one check of the match, then the route's handler."""
+    if request.match_info.http_exception is not None:
+        return await _trivial(request)
+    return await handler(request)
+
+
+async def _serve_trivial(layer: str, stop) -> int:
+    """The layer's own cost: the same two layers around a handler that answers a fixed body at once."""
+    runner: web.BaseRunner
+    if layer == "application":
+        app = web.Application(middlewares=[_passthrough], handler_args={"auto_decompress": False})
+        app.router.add_route("*", "/{tail:.*}", _trivial)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    else:
+        runner = web.ServerRunner(web.Server(_trivial, access_log=None, auto_decompress=False), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    listen = f"{host}:{port}"
+    print(json.dumps({"event": "start", "listen": listen, "admin_listen": listen}), flush=True)  # /readyz: 200 too
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+def _child(layer: str, config_path: str, log_level: str, handler: str) -> int:
     from st_proxy.config import Address, load_file
     from st_proxy.ops import log as logsetup
-    from st_proxy.server.app import DATA_HANDLER, RUNTIME, create_admin_app, create_app
+    from st_proxy.server.app import RUNTIME, create_admin_app, create_app
+    from st_proxy.server.data_port import DataRunner
     from st_proxy.server.serve import run_until_signalled, start_site
 
+    if handler == "trivial":
+        return run_until_signalled(lambda stop: _serve_trivial(layer, stop))
     config = load_file(config_path, {})
     logsetup.setup("json", log_level, libraries=True)
 
     async def body(stop) -> int:
         app = create_app(config)
-        if layer == "application":
-            runner: web.BaseRunner = web.AppRunner(app, access_log=None, handle_signals=False)
-        else:
-            app.freeze()
-            await app.startup()  # the cleanup context: client sessions, token manager, prewarm
-            server = web.Server(app[DATA_HANDLER].handle, access_log=None, auto_decompress=False)  # type: ignore[arg-type]
-            runner = web.ServerRunner(server, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        admin, admin_addr = await start_site(create_admin_app(app[RUNTIME]), Address("127.0.0.1", 0))
-        host, port = runner.addresses[0][:2]
-        print(json.dumps({"event": "start", "listen": f"{host}:{port}", "admin_listen": str(admin_addr)}), flush=True)
+        runtime = app[RUNTIME]
+
+        async def close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
+            if runtime.draining:  # the per-answer check `st-proxy serve` adds; never true here
+                response.force_close()
+
+        app.on_response_prepare.append(close_while_draining)
+        runner_class = web.AppRunner if layer == "application" else DataRunner
+        loopback = Address("127.0.0.1", 0)
+        runner, addr = await start_site(app, loopback, runner_class=runner_class)
+        admin, admin_addr = await start_site(create_admin_app(runtime), loopback)
+        print(json.dumps({"event": "start", "listen": str(addr), "admin_listen": str(admin_addr)}), flush=True)
         await stop.wait()
         await runner.cleanup()
-        if layer != "application":
-            await app.cleanup()
         await admin.cleanup()
         return 0
 
@@ -179,6 +222,8 @@ def _child(layer: str, config_path: str, log_level: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--child" and sys.argv[2] in LAYERS:
+    if len(sys.argv) == 6 and sys.argv[1] == "--child" and sys.argv[2] in LAYERS:
         raise SystemExit(_child(*sys.argv[2:]))
-    raise SystemExit(f"usage: {sys.argv[0]} --child {{{','.join(LAYERS)}}} CONFIG LOG_LEVEL (bench/run.py starts it)")
+    raise SystemExit(
+        f"usage: {sys.argv[0]} --child {{{','.join(LAYERS)}}} CONFIG LOG_LEVEL HANDLER (bench/run.py starts it)"
+    )
