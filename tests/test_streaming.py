@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from st_proxy.server.app import create_app
+from st_proxy.server.data_port import DataRunner
 
 MiB = 2**20
 CHUNKS = 50  # 50 MiB each way
@@ -187,7 +188,7 @@ async def hangup_proxy(request, simulator, upstream, start_proxy) -> AsyncIterat
         yield await start_proxy(config)
     else:
         registry = CollectorRegistry()
-        runner = web.AppRunner(create_app(config, registry=registry), access_log=None, handle_signals=False)
+        runner = DataRunner(create_app(config, registry=registry), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]

@@ -30,7 +30,7 @@ from .runtime import RUNTIME, Runtime
 
 __all__ = ["DATA_HANDLER", "RUNTIME", "create_admin_app", "create_app"]
 
-# The data port's request handler, for serving the app's requests without its router (bench/serving_layer.py).
+# The data port's request handler: server/data_port.DataRunner serves it without the router (docs/serving-layer.md).
 DATA_HANDLER = web.AppKey("data_handler", DataHandler)
 
 
