@@ -48,11 +48,17 @@ def run_until_signalled(body: Callable[[Stop], object]) -> int:
 
 
 async def start_site(
-    app: web.Application, address: Address, *, shutdown_timeout: float = 60.0
-) -> tuple[web.AppRunner, Address]:
+    app: web.Application,
+    address: Address,
+    *,
+    shutdown_timeout: float = 60.0,
+    runner_class: Callable[..., web.BaseRunner] = web.AppRunner,
+) -> tuple[web.BaseRunner, Address]:
+    """Serve ``app`` on ``address`` through ``runner_class``: the router (web.AppRunner, the admin app) or the data
+    port's low-level server (data_port.DataRunner)."""
     # handler_cancellation: a caller that hangs up cancels its handler, and with it the upstream exchange, which would
     # otherwise run on for up to read_timeout holding a pooled connection (aiohttp's default is False since 3.8.1).
-    runner = web.AppRunner(
+    runner = runner_class(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True
     )
     await runner.setup()
@@ -86,11 +92,13 @@ async def serve(
     work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).
     Then the listener closes (new connections are refused), idle keep-alive connections are closed, and serve waits
     up to ``shutdown.timeout_seconds`` for every in-flight request, streams included (``http/inflight.py``). What is
-    left is cut by aiohttp's ``AppRunner.cleanup`` and logged as status 503, error ``shutdown``, not as a caller that
-    hung up (499). The admin port stays up to the end, so probes see the 503.
+    left is cut by ``DataRunner.cleanup`` (aiohttp's) and logged as status 503, error ``shutdown``, not as a caller
+    that hung up (499); only then are the client sessions closed (``DataRunner``). The admin port stays up to the end,
+    so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
     from .app import RUNTIME, create_admin_app, create_app
+    from .data_port import DataRunner
     from .reload import Reloader
 
     app = create_app(config)
@@ -106,7 +114,9 @@ async def serve(
 
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
-    data_runner, data_addr = await start_site(app, config.listen, shutdown_timeout=CUT_OFF_SECONDS)
+    data_runner, data_addr = await start_site(
+        app, config.listen, shutdown_timeout=CUT_OFF_SECONDS, runner_class=DataRunner
+    )
     try:
         admin_runner, admin_addr = await start_site(
             create_admin_app(runtime), config.admin_listen, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
