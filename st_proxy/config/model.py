@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .metrics import MetricsConfig
 from .secrets import Secret, SecretRef
 from .values import Address
 
@@ -77,6 +78,8 @@ class TokenConfig:
     replay_body_limit_bytes: int = 1048576
     prewarm_concurrency: int = 8
     scope: str | None = None  # ServiceTitan wants none; a generic OAuth server may
+    prewarm_rate_per_second: float = 20  # token requests per second at start-up and reload, all tenants together
+    prewarm_ready_seconds: float = 10  # readiness waits for prewarm at most this long
 
 
 @dataclass(frozen=True)
@@ -108,3 +111,4 @@ class Config:
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
+    metrics: MetricsConfig = MetricsConfig()

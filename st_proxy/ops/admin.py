@@ -6,10 +6,10 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ..config import Config
 from ..upstream.tokens import TokenManager, TokenStatus
+from .exposition import MetricsPage
 from .metrics import Metrics
 
 
@@ -79,5 +79,5 @@ def create_admin_app(runtime: AdminSource) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/tenants", tenants)
-    app.router.add_get("/metrics", make_aiohttp_handler(runtime.metrics.exposition))
+    app.router.add_get("/metrics", MetricsPage(runtime.metrics.exposition).handle)
     return app

@@ -79,11 +79,21 @@ class _WithoutCreated:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        tenant_histograms: bool = True,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.exposition = _WithoutCreated(self.registry)
+        self.tenant_histograms = tenant_histograms
         self._tenants: frozenset[str] = frozenset()
-        self._request_series: set[tuple[str, str, str]] = set()  # to remove a tenant's series on reload
+        # (method, code) pairs seen per tenant: removing a tenant on reload touches its own series only, so a reload
+        # that removes many of 5,000 tenants stays linear.
+        self._request_series: dict[str, set[tuple[str, str]]] = {}
+        histogram_labels = ["tenant"] if tenant_histograms else []
         r = self.registry
         self.requests = Counter(
             "st_proxy_requests",
@@ -94,7 +104,7 @@ class Metrics:
         self.request_duration = Histogram(
             "st_proxy_request_duration_seconds",
             "Time from receiving a request to the end of its answer",
-            ["tenant"],
+            histogram_labels,
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
@@ -113,7 +123,7 @@ class Metrics:
         self.token_fetch_duration = Histogram(
             "st_proxy_token_fetch_duration_seconds",
             "Duration of one token request",
-            ["tenant"],
+            histogram_labels,
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
@@ -153,8 +163,9 @@ class Metrics:
 
     def _fixed_series(self, tenant: str):
         """Every per-tenant series with fixed label values (design.md: they exist from start, at zero)."""
-        yield self.request_duration, (tenant,)
-        yield self.token_fetch_duration, (tenant,)
+        if self.tenant_histograms:
+            yield self.request_duration, (tenant,)
+            yield self.token_fetch_duration, (tenant,)
         yield self.token_replays, (tenant,)
         for kind in UPSTREAM_ERROR_KINDS:
             yield self.upstream_errors, (tenant, kind)
@@ -164,9 +175,8 @@ class Metrics:
     def _remove(self, tenant: str) -> None:
         for metric, labels in self._fixed_series(tenant):
             metric.remove(*labels)
-        for key in [k for k in self._request_series if k[0] == tenant]:
-            self.requests.remove(*key)
-            self._request_series.discard(key)
+        for method, code in self._request_series.pop(tenant, ()):
+            self.requests.remove(tenant, method, code)
 
     def tenant_label(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id in self._tenants else NO_TENANT
@@ -174,10 +184,11 @@ class Metrics:
     # -- events --------------------------------------------------------------------------------------------------
     def request_done(self, tenant_id: str | None, method: str, status: int, seconds: float) -> None:
         tenant = self.tenant_label(tenant_id)
-        key = (tenant, method if method in METHODS else OTHER_METHOD, str(status))
-        self._request_series.add(key)
-        self.requests.labels(*key).inc()
-        self.request_duration.labels(tenant).observe(seconds)
+        method = method if method in METHODS else OTHER_METHOD
+        code = str(status)
+        self._request_series.setdefault(tenant, set()).add((method, code))
+        self.requests.labels(tenant, method, code).inc()
+        self._histogram(self.request_duration, tenant).observe(seconds)
 
     def upstream_error(self, tenant_id: str | None, kind: str) -> None:
         if kind in UPSTREAM_ERROR_KINDS:
@@ -187,7 +198,11 @@ class Metrics:
         tenant = self.tenant_label(tenant_id)
         if outcome in TOKEN_OUTCOMES:
             self.token_fetches.labels(tenant, outcome).inc()
-        self.token_fetch_duration.labels(tenant).observe(seconds)
+        self._histogram(self.token_fetch_duration, tenant).observe(seconds)
+
+    def _histogram(self, histogram: Histogram, tenant: str) -> Histogram:
+        """The tenant's child with ``metrics.tenant_histograms``, else the one unlabelled histogram."""
+        return histogram.labels(tenant) if self.tenant_histograms else histogram
 
     def token_replayed(self, tenant_id: str) -> None:
         self.token_replays.labels(self.tenant_label(tenant_id)).inc()

@@ -166,4 +166,12 @@ async def _log_when_ready(runtime) -> None:
     rather than reach into the token manager; 50 ms is well below any load balancer's probe period."""
     while not runtime.ready():  # noqa: ASYNC110 (a predicate, not an event: see the docstring)
         await asyncio.sleep(0.05)
-    log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})
+    pending = len(runtime.pending_tenants())
+    if pending:
+        log.info(
+            "ready: tokens.prewarm_ready_seconds passed; prewarm continues in the background for %d tenants",
+            pending,
+            extra={"event": "ready", "prewarm_pending": pending},
+        )
+    else:
+        log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})
