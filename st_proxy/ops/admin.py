@@ -79,5 +79,5 @@ def create_admin_app(runtime: AdminSource) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/tenants", tenants)
-    app.router.add_get("/metrics", MetricsPage(runtime.metrics.exposition).handle)
+    app.router.add_get("/metrics", MetricsPage(runtime.metrics).handle)
     return app

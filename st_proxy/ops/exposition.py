@@ -15,6 +15,10 @@ one read or one increment, and a labelled metric's lock is held only to copy its
 ``_multi_samples``), never across the whole render; so the request path can wait on a lock for at most a moment, and
 the render never holds one lock while taking another the request path holds.
 
+Always the Prometheus text format (0.0.4), even when a scraper also accepts OpenMetrics (Prometheus asks for both):
+the proxy uses nothing only OpenMetrics can carry (exemplars, native histograms), and one format has one fast writer
+(``text_format.py``), ten times quicker than prometheus-client's generic one at 5,000 tenants.
+
 Single flight: scrapes asking for the same thing while a render runs wait for that render instead of starting their
 own, so several Prometheus servers (or a scrape retried on timeout) never pile renders onto the thread pool.
 """
@@ -23,55 +27,49 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import Iterable
-from typing import Protocol
 
 from aiohttp import web
-from prometheus_client.exposition import choose_encoder
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import text_format
+from .metrics import Metrics
 
 # Level 1: most of gzip's size win for a fraction of the level-9 CPU; the text format compresses ~10x at any level.
 GZIP_LEVEL = 1
 
-
-class Exposable(Protocol):
-    def collect(self) -> Iterable[object]: ...
-
-    def restricted_registry(self, names: Iterable[str]) -> Exposable: ...
-
-
-Key = tuple[str, bool, tuple[str, ...]]
+Key = tuple[bool, tuple[str, ...]]
 
 
 class MetricsPage:
-    """The ``/metrics`` handler for ``source`` (a registry or a view of one)."""
+    """The ``/metrics`` handler for ``metrics``."""
 
-    def __init__(self, source: Exposable) -> None:
-        self._source = source
-        self._renders: dict[Key, asyncio.Future[tuple[bytes, str]]] = {}
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._renders: dict[Key, asyncio.Future[bytes]] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
-        accept = ",".join(request.headers.getall("Accept", []))
         gzipped = "gzip" in request.headers.get("Accept-Encoding", "").lower()
         names = tuple(sorted(request.query.getall("name[]", [])))  # prometheus-client's ?name[]= filter
-        body, content_type = await self.render(accept, gzipped=gzipped, names=names)
-        headers = {"Content-Type": content_type}
+        body = await self.render(gzipped=gzipped, names=names)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
 
-    async def render(
-        self, accept: str = "", *, gzipped: bool = False, names: tuple[str, ...] = ()
-    ) -> tuple[bytes, str]:
-        """The exposition (gzipped if asked) and its content type, rendered off the event loop."""
-        encoder, content_type = choose_encoder(accept)
-        key: Key = (content_type, gzipped, names)
+    async def render(self, *, gzipped: bool = False, names: tuple[str, ...] = ()) -> bytes:
+        """The exposition (gzipped if asked), rendered off the event loop; one render for concurrent equal asks."""
+        key: Key = (gzipped, names)
         pending = self._renders.get(key)
         if pending is None:
-            source = self._source.restricted_registry(names) if names else self._source
+            metrics = self._metrics
 
-            def work() -> tuple[bytes, str]:
-                output = encoder(source)  # type: ignore[arg-type]
-                return (gzip.compress(output, compresslevel=GZIP_LEVEL) if gzipped else output), content_type
+            def work() -> bytes:
+                if names:  # a few families by name: rare and small, prometheus-client's own writer does
+                    output = generate_latest(metrics.exposition.restricted_registry(names))  # type: ignore[arg-type]
+                else:
+                    output = text_format.render(metrics.registry)
+                return gzip.compress(output, compresslevel=GZIP_LEVEL) if gzipped else output
 
             pending = asyncio.ensure_future(asyncio.to_thread(work))
             self._renders[key] = pending

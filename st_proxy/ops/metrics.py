@@ -14,13 +14,14 @@ gauge series (doubling the series count for no query anyone writes); dropping th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from .text_format import gauge_lines
 
 NO_TENANT = "none"
 OTHER_METHOD = "other"
@@ -41,6 +42,8 @@ EXPIRES_IN = "st_proxy_token_expires_in_seconds"
 class _ExpiresIn(Collector):
     """``st_proxy_token_expires_in_seconds``, computed at scrape time: a stored gauge would be stale between events."""
 
+    HELP = "Seconds until the tenant's current token expires; 0 when it has none or it has expired"
+
     def __init__(self, clock: Callable[[], float]) -> None:
         self.source: Expiries = lambda: ()
         self._clock = clock
@@ -48,16 +51,20 @@ class _ExpiresIn(Collector):
     def describe(self):
         yield GaugeMetricFamily(EXPIRES_IN, "", labels=["tenant"])
 
-    def collect(self):
-        family = GaugeMetricFamily(
-            EXPIRES_IN,
-            "Seconds until the tenant's current token expires; 0 when it has none or it has expired",
-            labels=["tenant"],
-        )
+    def _values(self) -> Iterator[tuple[str, float]]:
         now = self._clock()
         for tenant, expires_at in self.source():
-            family.add_metric([tenant], max(0.0, expires_at - now) if expires_at is not None else 0.0)
+            yield tenant, max(0.0, expires_at - now) if expires_at is not None else 0.0
+
+    def collect(self):
+        family = GaugeMetricFamily(EXPIRES_IN, self.HELP, labels=["tenant"])
+        for tenant, value in self._values():
+            family.add_metric([tenant], value)
         yield family
+
+    def text_lines(self) -> Iterator[str]:
+        """The same family for ``text_format.render``, without building a sample object per tenant."""
+        return gauge_lines(EXPIRES_IN, self.HELP, "tenant", self._values())
 
 
 class _WithoutCreated:
