@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -70,7 +72,9 @@ async def tenants(request: web.Request) -> web.Response:
                 "replays": manager.replays(tenant.tenant_id) if manager else 0,
             }
         )
-    return web.json_response({"tenants": result})
+    # The snapshot above is taken on the loop (consistent, ~3 us a tenant); encoding it, as long again, is not.
+    body = await asyncio.to_thread(json.dumps, {"tenants": result})
+    return web.Response(text=body, content_type="application/json")
 
 
 def create_admin_app(runtime: AdminSource) -> web.Application:

@@ -13,6 +13,7 @@ gauge series (doubling the series count for no query anyone writes); dropping th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -159,14 +160,30 @@ class Metrics:
 
     def set_tenants(self, tenant_ids: Iterable[str]) -> None:
         """Bound the tenant label to these ids: create added tenants' fixed series, remove removed tenants' series."""
+        for _ in self._series_steps(tenant_ids):
+            pass
+
+    async def set_tenants_stepwise(self, tenant_ids: Iterable[str], *, batch: int = 200) -> None:
+        """``set_tenants`` for a running proxy: the label bound changes at once, and the series are created and removed
+        ``batch`` tenants at a time with the event loop free in between. A child costs ~5 us to create and each tenant
+        has up to a dozen; a reload that adds 5,000 tenants would otherwise hold the loop for a fifth of a second."""
+        for done, _ in enumerate(self._series_steps(tenant_ids), 1):
+            if done % batch == 0:
+                await asyncio.sleep(0)
+
+    def _series_steps(self, tenant_ids: Iterable[str]) -> Iterator[None]:
         new = frozenset(tenant_ids)
         removed, added = self._tenants - new, new - self._tenants
+        # First, before any step: requests label a removed tenant "none" and an added one by its id from here on (a
+        # request for an added tenant creates its own series if it comes before its step).
         self._tenants = new
         for tenant in removed:
             self._remove(tenant)
+            yield
         for tenant in sorted(added):  # sorted: the exposition lists tenants in a stable order
             for metric, labels in self._fixed_series(tenant):
                 metric.labels(*labels)
+            yield
 
     def _fixed_series(self, tenant: str):
         """Every per-tenant series with fixed label values (design.md: they exist from start, at zero)."""

@@ -179,6 +179,8 @@ class Reloader:
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
             self._watch.add(new.secret_files)
             self._apply(new, trigger)
+            # After the swap, in steps: thousands of added or removed tenants' series must not hold the loop.
+            await self._metrics.set_tenants_stepwise(new.tenants)
             return True
 
     def _candidate_paths(self) -> list[Path]:
@@ -217,7 +219,6 @@ class Reloader:
 
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
-        self._metrics.set_tenants(new.tenants)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
         self._metrics.config_reloaded(ok=True)
