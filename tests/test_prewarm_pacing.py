@@ -9,10 +9,10 @@ real time and every moment is exact.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pytest
-
 from conftest import FakeClock, sim_config
 from test_tenants_endpoint import admin
 from test_tokens import get, many_tenants
@@ -93,7 +93,7 @@ async def drive(time: ManualTime, work: asyncio.Future) -> None:
 
 def gaps(times: list[float]) -> list[float]:
     times = sorted(times)
-    return [round(b - a, 6) for a, b in zip(times, times[1:], strict=False)]
+    return [round(b - a, 6) for a, b in itertools.pairwise(times)]
 
 
 async def test_prewarm_spaces_token_requests_at_the_rate_whatever_the_concurrency(clock):

@@ -30,7 +30,7 @@ import gzip
 
 from aiohttp import web
 from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from . import text_format
 from .metrics import Metrics
@@ -52,7 +52,7 @@ class MetricsPage:
         gzipped = "gzip" in request.headers.get("Accept-Encoding", "").lower()
         names = tuple(sorted(request.query.getall("name[]", [])))  # prometheus-client's ?name[]= filter
         body = await self.render(gzipped=gzipped, names=names)
-        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
@@ -66,7 +66,7 @@ class MetricsPage:
 
             def work() -> bytes:
                 if names:  # a few families by name: rare and small, prometheus-client's own writer does
-                    output = generate_latest(metrics.exposition.restricted_registry(names))  # type: ignore[arg-type]
+                    output = generate_latest(metrics.exposition.restricted_registry(names))
                 else:
                     output = text_format.render(metrics.registry)
                 return gzip.compress(output, compresslevel=GZIP_LEVEL) if gzipped else output

@@ -124,5 +124,5 @@ def render(registry: CollectorRegistry) -> bytes:
         elif _fast(collector):
             _metric_lines(collector, out)
         else:
-            out.append(generate_latest(_One(collector)).decode())  # type: ignore[arg-type]
+            out.append(generate_latest(_One(collector)).decode())
     return "".join(out).encode()
