@@ -190,7 +190,7 @@ async def one_run(count: int, histograms: bool, args) -> dict:
                 idle_probes, probe_times[:] = list(probe_times), []
                 rss_before = rss_mib(proxy.pid)
 
-                scrape_s, size, series = 0.0, 0, 0
+                scrape_s, size, body = 0.0, 0, b""
                 for _ in range(args.scrapes):
                     t = time.perf_counter()
                     async with http.get(
@@ -199,11 +199,13 @@ async def one_run(count: int, histograms: bool, args) -> dict:
                         body = await r.read()
                     scrape_s = max(scrape_s, time.perf_counter() - t)
                     size = len(body)
-                    series = sum(1 for line in body.split(b"\n") if line and not line.startswith(b"#"))
                 await asyncio.sleep(0.2)
                 stop_probe.set()
                 await prober
                 scrape_probes = probe_times
+                # Counted after the probes stopped: splitting 14 MiB here would hold this script's loop, and the
+                # probes' clocks with it.
+                series = sum(1 for line in body.split(b"\n") if line and not line.startswith(b"#"))
                 await asyncio.sleep(args.settle)
                 rss_after = rss_mib(proxy.pid)
                 async with http.get(f"{sim_url}/_bench/token-times") as r:

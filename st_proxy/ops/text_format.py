@@ -63,11 +63,12 @@ def _labeller(names: tuple[str, ...]):
     return text
 
 
-def _children(metric: Any) -> list[tuple[tuple[str, ...], Any]]:
+def _children(metric: Any) -> Iterable[tuple[tuple[str, ...], Any]]:
     if not metric._labelnames:
         return [((), metric)]
     with metric._lock:  # held only to copy: the request path creates children under this lock
-        return list(metric._metrics.items())
+        # A dict copy, not a list of pairs: no tuple per series for the garbage collector to count (see serve.py).
+        return dict(metric._metrics).items()
 
 
 def _metric_lines(metric: Any, out: list[str]) -> None:

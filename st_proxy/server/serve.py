@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -111,6 +112,11 @@ async def serve(
         runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load, poll_seconds=poll_seconds
     )
     reloader.start()
+    # What start-up built (the config, every tenant's metric series) lives as long as the process. Moved out of the
+    # collector's generations it is no longer walked by each full collection: at 5,000 tenants such a walk holds the
+    # event loop for ~100 ms, triggered by whatever allocates next, a scrape's render included (Python docs: gc.freeze).
+    gc.collect()
+    gc.freeze()
     log.info(
         "listening on %s (admin %s) for %d tenants",
         data_addr,
