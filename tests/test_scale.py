@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from test_reload import KubeVolume
+from test_tokens import gated_simulator  # noqa: F401 (a fixture)
 
 from st_proxy.config import ConfigError, from_mapping
 from st_proxy.config.file_watch import FileWatch
@@ -295,3 +296,59 @@ def test_a_look_taken_before_watch_was_reset_does_not_touch_paths_no_longer_watc
     b.write_text("22")
     assert watch.compare({**seen, b: None}) == []
     assert watch.paths == (Path(a),)
+
+
+# -- the real process -----------------------------------------------------------------------------------------------
+async def test_serve_with_prewarm_ready_seconds_0_is_ready_at_once_and_says_how_many_tenants_still_warm(
+    gated_simulator, tmp_path
+):
+    import json
+    import signal
+    import sys
+
+    import aiohttp
+    import yaml
+    from test_tokens import TokenGate
+
+    gate = TokenGate()
+    gate.close()  # no token answer until the test says so
+    sim = await gated_simulator(gate)
+    config = yaml.safe_load(f"listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\napp_key: {DEMO_APP_KEY}\n")
+    config["environments"] = {"sim": {"auth_url": sim.auth_url, "api_url": sim.base_url}}
+    config["tenants"] = {
+        t.tenant_id: {"environment": "sim", "client_id": t.client_id, "client_secret": t.client_secret}
+        for t in sim.tenants.values()
+    }
+    config["tokens"] = {"prewarm_ready_seconds": 0}
+    config["shutdown"] = {"drain_seconds": 0, "timeout_seconds": 5}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "st_proxy", "serve", "--config", str(path), stdout=asyncio.subprocess.PIPE
+    )
+    records: list[dict] = []
+    try:
+
+        async def until(event: str) -> dict:
+            while True:
+                line = await proc.stdout.readline()
+                assert line, f"stdout closed before {event}"
+                records.append(json.loads(line))
+                if records[-1].get("event") == event:
+                    return records[-1]
+
+        start = await asyncio.wait_for(until("start"), 30)
+        ready = await asyncio.wait_for(until("ready"), 30)
+        assert ready["prewarm_pending"] == len(sim.tenants)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{start['admin_listen']}/readyz") as resp:
+                assert resp.status == 200
+            async with session.get(f"http://{start['admin_listen']}/tenants") as resp:
+                states = {t["token"]["state"] for t in (await resp.json())["tenants"]}
+        # No token yet: the first fetches wait at the token endpoint, the rest for their turn.
+        assert "refreshing" in states and states <= {"refreshing", "none"}
+    finally:
+        gate.open()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
