@@ -11,7 +11,8 @@ failed validation, a missing secret file) is logged on one line with every probl
 
 What a reload cannot change: the sockets are bound and the client sessions, token client and shutdown timeouts are
 built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens``, ``shutdown`` and ``metrics`` (the metric
-families' label names are fixed once registered) keep their start-up values until a restart; a reload that changes them says so in a warning and applies everything else.
+families' label names are fixed once registered) keep their start-up values until a restart; a reload that changes
+them says so in a warning and applies everything else.
 """
 
 from __future__ import annotations
