@@ -10,8 +10,9 @@ failed validation, a missing secret file) is logged on one line with every probl
 ``st_proxy_config_reloads_total{result="failure"}``, and the previous config stays in force.
 
 What a reload cannot change: the sockets are bound and the client sessions, token client and shutdown timeouts are
-built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens`` and ``shutdown`` keep their start-up
-values until a restart; a reload that changes them says so in a warning and applies everything else.
+built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens``, ``shutdown`` and ``metrics`` (the metric
+families' label names are fixed once registered) keep their start-up values until a restart; a reload that changes
+them says so in a warning and applies everything else.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError
-from ..config.file_watch import FileWatch
+from ..config.file_watch import FileWatch, snapshots
 from ..config.load import file_refs
 from ..config.security import exposure
 from ..ops.metrics import Metrics
@@ -34,7 +35,7 @@ from ..upstream.tokens import TokenManager
 
 log = logging.getLogger("st_proxy.reload")
 
-FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown")
+FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown", "metrics")
 DEFAULT_POLL_SECONDS = 1.0
 
 
@@ -143,7 +144,8 @@ class Reloader:
         """Reload if a watched file changed: True (applied), False (rejected), None (nothing changed)."""
         if self._load is None:
             return None
-        changed = self._watch.changed()
+        # The stat calls in a worker thread: with thousands of secret files they take milliseconds every poll.
+        changed = self._watch.compare(await asyncio.to_thread(snapshots, self._watch.paths))
         if not changed:
             return None
         return await self.reload_now("changed: " + ", ".join(str(p) for p in changed))
@@ -175,10 +177,10 @@ class Reloader:
             refused = _still_closed(self.holder.current, new)
             if refused:
                 return self._failed(trigger, refused)
-            missing = [p for p in new.secret_files if p not in self._watch.paths]
-            if missing:
-                self._watch.watch([*self._watch.paths, *missing])
+            self._watch.add(new.secret_files)
             self._apply(new, trigger)
+            # After the swap, in steps: thousands of added or removed tenants' series must not hold the loop.
+            await self._metrics.set_tenants_stepwise(new.tenants)
             return True
 
     def _candidate_paths(self) -> list[Path]:
@@ -217,7 +219,6 @@ class Reloader:
 
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
-        self._metrics.set_tenants(new.tenants)
         self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
