@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .limits import LimitsConfig, StateConfig
 from .secrets import Secret, SecretRef
 from .values import Address
 
@@ -54,6 +55,7 @@ class Tenant:
     app_key: Secret
     client_secret_ref: SecretRef
     app_key_ref: SecretRef
+    rate_per_second: float | None = None  # this tenant's own limits.rate_per_second (docs/limits.md)
 
     def credentials_key(self) -> tuple[str, str, str, str]:
         """What a token is minted from: a change in any part means a token must not be reused (design.md section 2)."""
@@ -108,3 +110,5 @@ class Config:
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
+    limits: LimitsConfig | None = None  # None: nothing paced or capped (docs/limits.md)
+    state: StateConfig = StateConfig()
