@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 CALLER_GONE = 499  # nginx's "client closed request": logged and counted, never sent (nobody is listening)
 
 
@@ -12,7 +14,7 @@ class CallerGone(Exception):
 class Exchange:
     """Filled in by the steps of the request path as they run; read once, when the request ends."""
 
-    __slots__ = ("bytes", "error", "request_id", "status", "tenant", "trace_id", "upstream_ms")
+    __slots__ = ("bytes", "error", "release", "request_id", "status", "tenant", "trace_id", "upstream_ms")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -22,3 +24,4 @@ class Exchange:
         self.upstream_ms: float | None = None
         self.bytes = 0
         self.trace_id: str | None = None
+        self.release: Callable[[], None] | None = None  # what the request holds until it ends (a concurrency slot)

@@ -2,7 +2,7 @@
 
 The request path, as steps (docs/architecture.md):
 
-    check target -> route -> look up tenant -> read body -> token -> send (and replay) -> relay
+    check target -> route -> look up tenant -> limit -> read body -> token -> send (and replay) -> relay
 
 Path, query, method and body are forwarded exactly as received. Every request ends in one access log line and one
 count in the metrics, whatever step it ended in.
@@ -18,12 +18,14 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import ProxyError, RequestError, UnknownTenant
+from ..limits.limiter import Limiter
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body
 from .exchange import CALLER_GONE, CallerGone, Exchange
+from .limit_step import limit
 from .problems import problem_response
 from .relay import relay
 from .replay import send_with_replay
@@ -44,11 +46,13 @@ class DataHandler:
         tokens: Callable[[], TokenManager],
         sender: Sender,
         metrics: Metrics,
+        limiter: Limiter,
     ) -> None:
         self._config = config
         self._tokens = tokens
         self._sender = sender
         self._metrics = metrics
+        self._limiter = limiter
 
     @web.middleware
     async def unroutable(self, request: web.Request, handler) -> web.StreamResponse:
@@ -92,6 +96,8 @@ class DataHandler:
             ex.status = response.status
             return response
         finally:
+            if ex.release is not None:  # the limit step's concurrency slot, held until the answer was relayed
+                ex.release()
             self._finish(request, ex, time.perf_counter() - started)
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -105,13 +111,17 @@ class DataHandler:
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
+        admission = await limit(self._limiter, request, config, tenant, ex)
         body, replayable = await read_body(
             request, keep_up_to=config.tokens.replay_body_limit_bytes, tenant=tenant.tenant_id
         )
         tokens = self._tokens()
         token = await tokens.get(tenant)
-        upstream, head = await send_with_replay(
-            self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
+        upstream, head = await admission.send(  # an upstream 429 holds the budget (docs/limits.md)
+            lambda: send_with_replay(
+                self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
+            ),
+            replayable=replayable,
         )
         return await relay(request, upstream, tenant, ex, self._sender, head=head)
 

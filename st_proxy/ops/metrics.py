@@ -84,6 +84,7 @@ class Metrics:
         self.exposition = _WithoutCreated(self.registry)
         self._tenants: frozenset[str] = frozenset()
         self._request_series: set[tuple[str, str, str]] = set()  # to remove a tenant's series on reload
+        self._more_fixed: list[Callable[[str], Iterable[tuple[object, tuple[str, ...]]]]] = []
         r = self.registry
         self.requests = Counter(
             "st_proxy_requests",
@@ -151,8 +152,18 @@ class Metrics:
             for metric, labels in self._fixed_series(tenant):
                 metric.labels(*labels)
 
+    def add_fixed_series(self, series: Callable[[str], Iterable[tuple[object, tuple[str, ...]]]]) -> None:
+        """More per-tenant fixed series (a subsystem's own metrics, e.g. limits/metrics.py), created now for every
+        configured tenant and kept in step with ``set_tenants``."""
+        self._more_fixed.append(series)
+        for tenant in sorted(self._tenants):
+            for metric, labels in series(tenant):
+                metric.labels(*labels)  # type: ignore[attr-defined]
+
     def _fixed_series(self, tenant: str):
         """Every per-tenant series with fixed label values (design.md: they exist from start, at zero)."""
+        for more in self._more_fixed:
+            yield from more(tenant)
         yield self.request_duration, (tenant,)
         yield self.token_fetch_duration, (tenant,)
         yield self.token_replays, (tenant,)

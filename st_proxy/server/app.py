@@ -11,7 +11,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -20,6 +20,11 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
 from ..http.send import Sender
+from ..limits.budget import LocalBudgets
+from ..limits.limiter import Limiter
+from ..limits.redis_state import RedisBudgets
+from ..limits.redis_state import client as redis_client
+from ..limits.state import PacingState
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
 from ..upstream.egress import EgressProxies
@@ -65,9 +70,27 @@ def create_app(
     rng: random.Random | None = None,
     prewarm: bool = True,
     environ: Mapping[str, str] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    tenant_histograms: bool = True,
 ) -> web.Application:
-    """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app."""
+    """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app.
+
+    ``sleep`` is what waiting for a rate or concurrency slot uses (tests pass one driven by their clock);
+    ``tenant_histograms`` puts the tenant label on the limits' wait histogram.
+    """
     runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
+    state = config.state  # fixed at start (reload.FIXED_AT_START)
+    limiter = Limiter(
+        PacingState(
+            LocalBudgets(clock), timeout=state.timeout_ms / 1000, fallback_fraction=state.fallback_rate_fraction
+        ),
+        runtime.metrics,
+        clock=clock,
+        sleep=sleep,
+        tenant_histograms=tenant_histograms,
+    )
+    if config.limits is not None:
+        limiter.ensure_metrics()  # the limits' series exist from the first scrape
     egress = EgressProxies(os.environ if environ is None else environ)
     runtime.metrics.set_tenants(config.tenants)
     # Registered before start, so every configured tenant has an expiry series (0) from the first scrape.
@@ -90,6 +113,8 @@ def create_app(
             egress=egress,
         )
         runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
+        if state.redis_url:
+            await limiter.state.start(RedisBudgets(redis_client(state), state.key_prefix))
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             runtime.tokens.skip_prewarm(current.tenants.values())
@@ -98,6 +123,7 @@ def create_app(
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
         await runtime.tokens.close()
+        await limiter.state.close()
         await runtime.api_session.close()
         await runtime.token_session.close()
 
@@ -106,6 +132,7 @@ def create_app(
         tokens=lambda: _require(runtime.tokens),
         sender=Sender(session=lambda: _require(runtime.api_session), metrics=runtime.metrics, egress=egress),
         metrics=runtime.metrics,
+        limiter=limiter,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
