@@ -19,6 +19,7 @@ class Arrival:
     at: float  # time.monotonic()
     method: str
     path: str
+    caller: str = ""  # the caller's X-Caller header (passed through by the proxy like any header)
 
 
 @dataclass
@@ -53,18 +54,20 @@ class RecordingUpstream:
     def paths(self) -> list[str]:
         return [a.path for a in self.arrivals]
 
-    def per_second(self, since: float) -> list[int]:
-        """Arrivals counted in one-second buckets from ``since``."""
+    def per_second(self, since: float, until: float, caller_prefix: str = "") -> list[int]:
+        """Arrivals in [since, until) counted in whole one-second buckets (a partial last second is left out)."""
         counts: collections.Counter[int] = collections.Counter(
-            int(a.at - since) for a in self.arrivals if a.at >= since
+            int(a.at - since) for a in self.arrivals if since <= a.at < until and a.caller.startswith(caller_prefix)
         )
-        return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
+        return [counts.get(i, 0) for i in range(int(until - since))]
 
     async def _token(self, request: web.Request) -> web.Response:
         return web.json_response({"access_token": "upstream-token", "expires_in": 900, "token_type": "Bearer"})
 
     async def _api(self, request: web.Request) -> web.StreamResponse:
-        self.arrivals.append(Arrival(time.monotonic(), request.method, request.path_qs))
+        self.arrivals.append(
+            Arrival(time.monotonic(), request.method, request.path_qs, request.headers.get("X-Caller", ""))
+        )
         if self.gate is not None and "slow" in request.path:
             await self.gate.wait()
         if self.queued:
