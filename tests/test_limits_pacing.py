@@ -346,3 +346,21 @@ async def test_without_limits_nothing_waits_429s_pass_and_no_limits_metrics_exis
     text = await scrape_text(proxy)
     for name in ("rate_limited", "rate_limit_wait", "upstream_throttled", "state_backend_up", "state_errors"):
         assert f"st_proxy_{name}" not in text
+
+
+async def test_limits_series_exist_from_start_and_the_wait_histogram_can_drop_the_tenant_label(start_proxy, upstream):
+    labelled = await start_proxy(config_for(upstream, {}))
+    scrape = Scrape(await scrape_text(labelled))
+    for tenant in (T1.tenant_id, T2.tenant_id):
+        for outcome in ("delayed", "rejected"):
+            assert scrape.value("st_proxy_rate_limited_total", tenant=tenant, outcome=outcome) == 0
+        assert scrape.value("st_proxy_upstream_throttled_total", tenant=tenant) == 0
+        assert scrape.value("st_proxy_rate_limit_wait_seconds_count", tenant=tenant) == 0
+    assert scrape.value("st_proxy_state_errors_total") == 0
+
+    plain = await start_proxy(config_for(upstream, {}), tenant_histograms=False)
+    assert (await call(plain, CUSTOMERS))[0] == 200
+    await settled(plain)
+    scrape = Scrape(await scrape_text(plain))
+    assert scrape.value("st_proxy_rate_limit_wait_seconds_count") == 1
+    assert all("tenant" not in labels for labels in scrape.series("st_proxy_rate_limit_wait_seconds_bucket"))
