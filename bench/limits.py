@@ -163,6 +163,45 @@ def sim_requests(sim_port: int) -> int:
         return json.load(resp)["api_requests"]
 
 
+class _OpenTransport:
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+async def limit_step_cost(operations: int) -> float:
+    """µs for the whole limit step in-process (admit: concurrency slot, reservation, metrics; then release)."""
+    from aiohttp.test_utils import make_mocked_request
+    from prometheus_client import CollectorRegistry
+
+    from st_proxy.config import from_mapping
+    from st_proxy.limits.budget import LocalBudgets
+    from st_proxy.limits.limiter import Limiter
+    from st_proxy.limits.state import PacingState
+    from st_proxy.ops.metrics import Metrics
+
+    config = from_mapping(
+        {
+            "app_key": "ak1.bench",
+            "tenants": {"1000001": {"client_id": "c", "client_secret": "s"}},
+            "limits": {"rate_per_second": 1e9, "burst": 1000},
+        },
+        {},
+    )
+    metrics = Metrics(CollectorRegistry())
+    metrics.set_tenants(config.tenants)
+    limiter = Limiter(PacingState(LocalBudgets()), metrics)
+    limiter.ensure_metrics()
+    tenant = config.tenants["1000001"]
+    request = make_mocked_request("GET", "/crm/v2/tenant/1000001/customers", transport=_OpenTransport())
+    started = time.perf_counter()
+    for _ in range(operations):
+        (await limiter.admit(request, config, tenant)).release()
+    return (time.perf_counter() - started) / operations * 1e6
+
+
 async def limiter_costs(redis_port: int, operations: int) -> tuple[float, float]:
     """(µs per in-process reservation, µs per Redis reservation round trip)."""
     from st_proxy.config.limits import StateConfig
@@ -205,6 +244,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"1. limiter alone ({args.operations} in-process reservations, {args.operations // 10} via Redis)")
             print(f"   in-process GCRA reservation: {local_us:8.2f} µs")
             print(f"   Redis reservation (one Lua round trip on loopback): {redis_us:8.2f} µs")
+            step_us = asyncio.run(limit_step_cost(args.operations))
+            print(f"   whole limit step in-process (slot, reservation, metrics, release): {step_us:8.2f} µs")
 
             sim_port = free_port()
             procs.start([str(BIN), "simulate", "--listen", f"127.0.0.1:{sim_port}"])
