@@ -65,6 +65,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--loglevel", "warning",
+                "--enable-debug-command", "local",  # DEBUG SLEEP: a Redis that answers too slowly
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

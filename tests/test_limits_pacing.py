@@ -15,8 +15,9 @@ from conftest import T1, T2, FakeClock
 from recording_upstream import RecordingUpstream
 from test_metrics import Scrape, scrape_text, settled
 
-from st_proxy.config import from_mapping
+from st_proxy.config import from_mapping, load_file
 from st_proxy.devtools.simulator import DEMO_APP_KEY
+from st_proxy.server.reload import Reloader
 
 CUSTOMERS = f"/crm/v2/tenant/{T1.tenant_id}/customers"
 OTHER_TENANT = f"/crm/v2/tenant/{T2.tenant_id}/customers"
@@ -364,3 +365,36 @@ async def test_limits_series_exist_from_start_and_the_wait_histogram_can_drop_th
     scrape = Scrape(await scrape_text(plain))
     assert scrape.value("st_proxy_rate_limit_wait_seconds_count") == 1
     assert all("tenant" not in labels for labels in scrape.series("st_proxy_rate_limit_wait_seconds_bucket"))
+
+
+async def test_a_reload_changes_the_limits_for_new_requests_and_can_turn_them_on(
+    tmp_path, start_proxy, upstream, manual
+):
+    path = tmp_path / "config.yaml"
+
+    def write(limits: dict[str, Any] | None) -> None:
+        raw = {
+            "app_key": {"value": DEMO_APP_KEY},
+            "environments": {"sim": {"auth_url": upstream.auth_url, "api_url": upstream.base_url}},
+            "tenants": {T1.tenant_id: {"environment": "sim", "client_id": T1.client_id, "client_secret": "x"}},
+        }
+        if limits is not None:
+            raw["limits"] = limits
+        path.write_text(json.dumps(raw))
+
+    write(None)
+    proxy = await start_proxy(load_file(path, {}), clock=manual, sleep=manual.sleep)
+    reloader = Reloader(proxy.runtime.holder, proxy.runtime.metrics, tokens=lambda: proxy.runtime.tokens,
+                        load=lambda: load_file(path, {}), poll_seconds=0)  # fmt: skip
+    assert [(await call(proxy, CUSTOMERS))[0] for _ in range(3)] == [200] * 3
+
+    write({"rate_per_second": 1, "burst": 1, "max_wait_seconds": 0})
+    assert await reloader.reload_now()
+    assert (await call(proxy, CUSTOMERS))[0] == 200
+    assert (await call(proxy, CUSTOMERS))[0] == 429  # paced from the reload on
+    assert "st_proxy_rate_limited_total" in await scrape_text(proxy)  # its metrics exist from then on
+
+    write({"rate_per_second": 1000, "burst": 100, "max_wait_seconds": 0})
+    assert await reloader.reload_now()
+    manual.advance(1)  # the slot reserved at the old rate has passed; from here the new rate applies
+    assert [(await call(proxy, CUSTOMERS))[0] for _ in range(50)] == [200] * 50

@@ -149,3 +149,21 @@ async def test_a_wrong_redis_password_means_pacing_alone_never_a_failed_request(
     assert (await call(proxy, CUSTOMERS))[0] == 200
     assert await backend_up(proxy) == 0
     assert "wrong-pw-5150" not in captured_logs()
+
+
+async def test_a_redis_slower_than_timeout_ms_is_treated_as_away_and_adds_no_wait_to_requests(
+    start_proxy, upstream, redis_server, tmp_path
+):
+    config = shared_config(upstream, redis_server, tmp_path, {"rate_per_second": 100}, timeout_ms=100)
+    proxy = await start_proxy(config)
+    assert await backend_up(proxy) == 1
+    stall = asyncio.create_task(asyncio.to_thread(redis_server.client().execute_command, "DEBUG", "SLEEP", "2"))
+    await asyncio.sleep(0.2)  # let the stall begin (DEBUG SLEEP blocks the whole server)
+    statuses = [(await call(proxy, CUSTOMERS))[0] for _ in range(30)]
+    assert statuses == [200] * 30
+    scrape = Scrape(await scrape_text(proxy))
+    assert scrape.value("st_proxy_state_backend_up") == 0
+    # The request path asked once and then stopped asking: the other errors are the background probe's (one a second).
+    assert scrape.value("st_proxy_state_errors_total") < 30
+    await stall
+    await until_async(lambda: _is_up(proxy), "the probe finding Redis answering again")
