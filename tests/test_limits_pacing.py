@@ -398,3 +398,13 @@ async def test_a_reload_changes_the_limits_for_new_requests_and_can_turn_them_on
     assert await reloader.reload_now()
     manual.advance(1)  # the slot reserved at the old rate has passed; from here the new rate applies
     assert [(await call(proxy, CUSTOMERS))[0] for _ in range(50)] == [200] * 50
+
+
+async def test_with_the_real_clock_a_request_that_did_not_wait_counts_no_delay(start_proxy, upstream):
+    proxy = await start_proxy(config_for(upstream, {"rate_per_second": 1000, "burst": 100}))
+    assert [(await call(proxy, CUSTOMERS))[0] for _ in range(5)] == [200] * 5
+    await settled(proxy)
+    scrape = Scrape(await scrape_text(proxy))
+    assert scrape.value("st_proxy_rate_limited_total", tenant=T1.tenant_id, outcome="delayed") == 0
+    assert scrape.value("st_proxy_rate_limit_wait_seconds_count", tenant=T1.tenant_id) == 5
+    assert scrape.value("st_proxy_rate_limit_wait_seconds_sum", tenant=T1.tenant_id) == 0

@@ -65,8 +65,8 @@ class Limiter:
     ) -> None:
         self.state = state
         self._metrics = metrics
-        self._clock = clock
-        self._sleep = sleep
+        self.clock = clock
+        self.sleep = sleep
         self._tenant_histograms = tenant_histograms
         self.slots = ConcurrencySlots(sleep)
         self.metrics: LimitMetrics | None = None
@@ -93,7 +93,7 @@ class Limiter:
         if limits is None:
             return UNLIMITED
         key, rate = budget(request.method, request.path, tenant, limits)
-        admission = Admission(self, request, limits, tenant.tenant_id, key, rate, self._clock())
+        admission = Admission(self, request, limits, tenant.tenant_id, key, rate, self.clock())
         await admission.wait_for_slots()
         return admission
 
@@ -123,7 +123,7 @@ class Admission:
         self._metrics = limiter.ensure_metrics()
 
     def _remaining(self) -> float:
-        return max(0.0, self._deadline - self._limiter._clock())
+        return max(0.0, self._deadline - self._limiter.clock())
 
     def _caller_gone(self) -> bool:
         transport = self._request.transport
@@ -132,7 +132,9 @@ class Admission:
     async def wait_for_slots(self) -> None:
         cap = self._limits.max_concurrent_per_tenant
         limiter = self._limiter
+        queued = False
         if cap is not None:
+            queued = not limiter.slots.free(self._tenant, cap)
             if not await limiter.slots.acquire(self._tenant, cap, self._remaining()):
                 self._metrics.rejected(self._tenant)
                 raise TenantBusy(
@@ -145,11 +147,12 @@ class Admission:
                 self.release()
                 raise CallerGone()
         try:
-            await self._pace()
+            paced = await self._pace()
         except BaseException:
             self.release()
             raise
-        self._metrics.admitted(self._tenant, limiter._clock() - self._started)
+        waited = queued or paced  # only then did it wait: the clock moves a little for every request
+        self._metrics.admitted(self._tenant, limiter.clock() - self._started if waited else 0.0)
 
     async def _pace(self) -> bool:
         """Reserve a rate slot and wait for it; raise RateLimited when none fits. True when it had to wait."""
@@ -175,7 +178,7 @@ class Admission:
     async def _sleep_on(self, verdict: Verdict, local: bool) -> None:
         state = self._limiter.state
         try:
-            await self._limiter._sleep(verdict.wait)
+            await self._limiter.sleep(verdict.wait)
         except asyncio.CancelledError:
             await asyncio.shield(state.refund(self._key, self._rate, verdict, local=local))
             raise

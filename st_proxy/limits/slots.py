@@ -31,6 +31,11 @@ class ConcurrencySlots:
         state = self._tenants.get(tenant)
         return state.used if state else 0
 
+    def free(self, tenant: str, limit: int) -> bool:
+        """Would ``acquire`` succeed at once?"""
+        state = self._tenants.get(tenant)
+        return state is None or (state.used < limit and not state.waiters)
+
     async def acquire(self, tenant: str, limit: int, within: float) -> bool:
         """Take a slot within ``within`` seconds: True, or False when none came in time (nothing is held then)."""
         state = self._tenants.get(tenant)
