@@ -167,3 +167,27 @@ async def test_a_redis_slower_than_timeout_ms_is_treated_as_away_and_adds_no_wai
     assert scrape.value("st_proxy_state_errors_total") < 30
     await stall
     await until_async(lambda: _is_up(proxy), "the probe finding Redis answering again")
+
+
+async def test_a_caller_leaving_while_waiting_gives_its_slot_back_in_redis(
+    start_proxy, upstream, redis_server, tmp_path
+):
+    config = shared_config(upstream, redis_server, tmp_path, {"rate_per_second": 0.2, "burst": 1})
+    proxy = await start_proxy(config)
+    client = redis_server.client()
+    assert (await call(proxy, CUSTOMERS))[0] == 200
+    [key] = client.keys("*")
+    first = client.hget(key, "t")
+    leaving = asyncio.create_task(call(proxy, CUSTOMERS))
+
+    async def reserved() -> bool:
+        return client.hget(key, "t") != first
+
+    await until_async(reserved, "the second request reserving its slot")
+    leaving.cancel()
+
+    async def given_back() -> bool:
+        return client.hget(key, "t") == first
+
+    await until_async(given_back, "the slot given back")
+    assert len(upstream.arrivals) == 1

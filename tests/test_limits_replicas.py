@@ -158,3 +158,33 @@ async def test_redis_stopped_mid_load_fails_no_caller_each_replica_paces_alone_a
     for statuses in (first, during, last):
         assert set(statuses) <= {200, 429}, statuses
     assert redis_server.client().keys("*")
+
+
+async def test_in_a_served_process_a_caller_that_hangs_up_while_waiting_is_never_sent(tmp_path, upstream):
+    """`st-proxy serve` does not cancel a handler when its caller leaves (aiohttp's default): the waiting request
+    must notice by itself when its slot comes, and not send."""
+    config = write_config(
+        tmp_path,
+        auth_url=upstream.auth_url,
+        api_url=upstream.base_url,
+        tenants=(T1,),
+        app_key=DEMO_APP_KEY,
+        limits={"rate_per_second": 0.5, "burst": 1, "max_wait_seconds": 5},
+    )
+    proc = await ServeProcess.start(config)
+    try:
+        await proc.wait_event("ready")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proc.url + CUSTOMERS) as resp:
+                assert resp.status == 200
+            with pytest.raises(TimeoutError):  # its slot is 2 s away; the caller gives up first
+                async with session.get(proc.url + CUSTOMERS, timeout=aiohttp.ClientTimeout(total=0.3)) as resp:
+                    await resp.read()
+
+        async def gone_logged() -> bool:
+            return any(e.get("error") == "caller_disconnected" for e in proc.events)
+
+        await poll_until(gone_logged, what="the hang-up noticed when the slot came")
+        assert len(upstream.arrivals) == 1
+    finally:
+        await proc.close()
