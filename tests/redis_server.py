@@ -40,25 +40,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate for 127.0.0.1, server key), made with the openssl command line."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory, timeout=60)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=limits test CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    return directory / "ca.pem", directory / "server.pem", directory / "server.key"
+
+
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, tls: bool = False) -> None:
         self.binary = redis_binary()
         self.directory = directory
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls = make_tls_files(directory) if tls else None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        if self.tls:
+            return redis.Redis(
+                host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2, ssl=True,
+                ssl_ca_certs=str(self.tls[0]),
+            )  # fmt: skip
         return redis.Redis(host="127.0.0.1", port=self.port, password=PASSWORD, socket_timeout=2)
 
     def start(self) -> None:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            ca, cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]  # fmt: skip
         self.proc = subprocess.Popen(
             [
                 self.binary,
-                "--port", str(self.port),
+                *listen,
                 "--bind", "127.0.0.1",
                 "--requirepass", PASSWORD,
                 "--save", "",
@@ -85,6 +111,14 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(DEADLINE)
         self.proc = None
+
+
+@pytest.fixture
+def tls_redis_server(tmp_path):
+    server = RedisServer(tmp_path, tls=True)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

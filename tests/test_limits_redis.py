@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import T1
 from recording_upstream import RecordingUpstream
-from redis_server import PASSWORD, redis_server  # noqa: F401 (fixture)
+from redis_server import PASSWORD, redis_server, tls_redis_server  # noqa: F401 (fixtures)
 from test_limits_pacing import CUSTOMERS, call, config_for, upstream  # noqa: F401 (fixture)
 from test_metrics import Scrape, scrape_text
 
@@ -191,3 +191,31 @@ async def test_a_caller_leaving_while_waiting_gives_its_slot_back_in_redis(
 
     await until_async(given_back, "the slot given back")
     assert len(upstream.arrivals) == 1
+
+
+async def test_rediss_with_the_state_ca_file_shares_the_budget_over_tls(
+    start_proxy, upstream, tls_redis_server, tmp_path
+):
+    ca = tls_redis_server.tls[0]
+    config = shared_config(
+        upstream,
+        tls_redis_server,
+        tmp_path,
+        {"rate_per_second": 0.2, "burst": 1, "max_wait_seconds": 0},
+        ca_file=str(ca),
+    )
+    first, second = await start_proxy(config), await start_proxy(config)
+    assert (await call(first, CUSTOMERS))[0] == 200
+    assert (await call(second, CUSTOMERS))[0] == 429  # one budget, through Redis over TLS
+    assert await backend_up(second) == 1
+    assert tls_redis_server.client().keys("*")
+
+
+async def test_rediss_without_a_trusted_ca_is_never_used_and_fails_no_request(
+    start_proxy, upstream, tls_redis_server, tmp_path
+):
+    config = shared_config(upstream, tls_redis_server, tmp_path, {"rate_per_second": 100})
+    proxy = await start_proxy(config)  # the test CA is in no system trust store: the certificate is refused
+    assert (await call(proxy, CUSTOMERS))[0] == 200
+    assert await backend_up(proxy) == 0
+    assert tls_redis_server.client().keys("*") == []
