@@ -22,6 +22,8 @@ from .redis_state import RedisBudgets
 log = logging.getLogger("st_proxy.limits")
 
 PROBE_SECONDS = 1.0
+# What a failing or misbehaving Redis can raise: its errors, the socket's, our timeout, and a reply of the wrong shape.
+FAILURES = (RedisError, OSError, TimeoutError, ValueError, TypeError)
 T = TypeVar("T")
 
 
@@ -99,7 +101,7 @@ class PacingState:
     async def _try(self, call: Callable[[], Awaitable[object]]) -> bool:
         try:
             await asyncio.wait_for(call(), self._timeout)
-        except (RedisError, OSError, TimeoutError):
+        except FAILURES:
             self.on_error()
             return False
         return True
@@ -107,7 +109,7 @@ class PacingState:
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T | None:
         try:
             return await asyncio.wait_for(call(), self._timeout)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except FAILURES as exc:
             self.on_error()
             self._fall_back(type(exc).__name__)
             return None
