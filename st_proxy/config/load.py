@@ -16,6 +16,7 @@ from typing import Any, TypeGuard
 
 from . import env_mode, metrics
 from .clients import STRONG_SECRET_CHARS, Client, parse_clients
+from .limits import parse_limits, parse_state, tenant_rate
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -75,7 +76,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 _TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
 _TOP_KEYS += ("clients", "security")  # clients.py, security.py
-_TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
+_TOP_KEYS += ("limits", "state")  # limits.py
+_TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key", "rate_per_second")
 
 
 class _Problems:
@@ -227,8 +229,11 @@ def _tenants(
         own_key = app_key
         if "app_key" in spec:  # a scope migration: this tenant uses the new app's key (docs/servicetitan.md)
             own_key = _secret(problems, f"{path}.app_key", spec["app_key"], environ, header=True)
+        rate = tenant_rate(spec, path, problems.add)
         if environment and isinstance(client_id, str) and client_id.strip() and secret and own_key:
-            result[tenant_id] = Tenant(tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1])
+            result[tenant_id] = Tenant(
+                tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1], rate
+            )
     return result
 
 
@@ -292,6 +297,10 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
     if ca_file and not Path(ca_file).is_file():
         problems.add("upstream.ca_file", f"file {ca_file} does not exist")
+    limits = parse_limits(raw.get("limits"), problems.add)
+    state = parse_state(
+        raw.get("state"), problems.add, lambda path, ref: _secret(problems, path, ref, environ), problems.base
+    )
     prefix = sections["tokens"].authorization_prefix
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
@@ -315,6 +324,8 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         **sections,
         clients=MappingProxyType(dict(clients)),
         security=security,
+        limits=limits,
+        state=state,
     )
 
 
