@@ -14,6 +14,7 @@ gauge series (doubling the series count for no query anyone writes); dropping th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -36,6 +37,14 @@ TOKEN_OUTCOMES = ("success", "rejected", "error")
 RELOAD_RESULTS = ("success", "failure")
 # RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other".
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+def _observe(histogram: Histogram, value: float) -> None:
+    """``Histogram.observe`` for a child without exemplars: the bucket found by bisection rather than a scan of
+    every bound. The attributes are the ones text_format.py reads (tests/test_scale.py compares the two renderings)."""
+    histogram._sum.inc(value)
+    histogram._buckets[bisect.bisect_left(histogram._upper_bounds, value)].inc(1)
+
 
 Expiries = Callable[[], Iterable[tuple[str, "float | None"]]]
 EXPIRES_IN = "st_proxy_token_expires_in_seconds"
@@ -102,6 +111,7 @@ class Metrics:
         # (method, code) pairs seen per tenant: removing a tenant on reload touches its own series only, so a reload
         # that removes many of 5,000 tenants stays linear.
         self._request_series: dict[str, set[tuple[str, str]]] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         histogram_labels = ["tenant"] if tenant_histograms else []
         self._more_fixed: list[Callable[[str], Iterable[tuple[object, tuple[str, ...]]]]] = []
         r = self.registry
@@ -180,6 +190,7 @@ class Metrics:
         # First, before any step: requests label a removed tenant "none" and an added one by its id from here on (a
         # request for an added tenant creates its own series if it comes before its step).
         self._tenants = new
+        self._request_children = {}  # labels change for added and removed tenants: found again on next use
         for tenant in removed:
             self._remove(tenant)
             yield
@@ -210,6 +221,7 @@ class Metrics:
             yield self.token_fetches, (tenant, outcome)
 
     def _remove(self, tenant: str) -> None:
+        self._request_children = {}
         for metric, labels in self._fixed_series(tenant):
             metric.remove(*labels)
         for method, code in self._request_series.pop(tenant, ()):
@@ -220,12 +232,20 @@ class Metrics:
 
     # -- events --------------------------------------------------------------------------------------------------
     def request_done(self, tenant_id: str | None, method: str, status: int, seconds: float) -> None:
-        tenant = self.tenant_label(tenant_id)
-        method = method if method in METHODS else OTHER_METHOD
+        # The children for this label set, found once: prometheus-client's labels() validates and joins the values
+        # and takes the metric's lock on every call. The cache key is made of label values, so it is bounded as they
+        # are (module docstring), and it is emptied whenever the tenant bound changes or a tenant's series go.
+        key = (self.tenant_label(tenant_id), method if method in METHODS else OTHER_METHOD, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = self._new_request_children(*key)
+        children[0].inc()
+        _observe(children[1], seconds)
+
+    def _new_request_children(self, tenant: str, method: str, status: int) -> tuple[Counter, Histogram]:
         code = str(status)
         self._request_series.setdefault(tenant, set()).add((method, code))
-        self.requests.labels(tenant, method, code).inc()
-        self._histogram(self.request_duration, tenant).observe(seconds)
+        return self.requests.labels(tenant, method, code), self._histogram(self.request_duration, tenant)
 
     def upstream_error(self, tenant_id: str | None, kind: str) -> None:
         if kind in UPSTREAM_ERROR_KINDS:
