@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tenant", action="append", default=[], metavar="ID:CLIENT_ID:SECRET")
     sim.add_argument("--app-key", default=None)
     sim.add_argument("--token-ttl", type=float, default=900)
+
+    from .tls import commands as certs_commands
+
+    certs_commands.add_parser(sub)
     return parser
 
 
@@ -76,6 +80,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = _parser().parse_args(argv)  # argparse exits 2 on usage errors
     environ = os.environ if environ is None else environ
     try:
+        if args.command == "certs":
+            from .tls import commands as certs_commands
+
+            return certs_commands.run(args)
         if args.command == "check-config":
             return check_config(args.config, environ)
         if args.command == "serve":
