@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from . import env_mode
+from . import tls as tls_sections
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -68,7 +69,17 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
 }
-_TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
+_TOP_KEYS = (
+    "listen",
+    "admin_listen",
+    "app_key",
+    "environments",
+    "routing",
+    "tenants",
+    *_SECTIONS,
+    "tls",
+    "forward_proxy",
+)
 _TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
 
 
@@ -290,6 +301,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
     if ca_file and not Path(ca_file).is_file():
         problems.add("upstream.ca_file", f"file {ca_file} does not exist")
+    tls_config = tls_sections.parse(problems, raw)
     prefix = sections["tokens"].authorization_prefix
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
@@ -309,6 +321,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         warnings=tuple(problems.warnings),
         secret_files=tuple(dict.fromkeys(problems.secret_files)),
         **sections,
+        **tls_config,
     )
 
 

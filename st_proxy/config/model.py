@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .secrets import Secret, SecretRef
+from .tls import ForwardProxyConfig, TLSConfig
 from .values import Address
 
 BUILTIN_ENVIRONMENTS = {
@@ -108,3 +109,5 @@ class Config:
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
+    tls: TLSConfig | None = None  # TLS on the data port (tls.py); None: plain HTTP
+    forward_proxy: ForwardProxyConfig | None = None  # the HTTPS_PROXY mode (tls.py); None: off

@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from ..config import Config, ConfigError
+from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
@@ -76,7 +77,8 @@ def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
     changed = [name for name in FIXED_AT_START if getattr(old, name) != getattr(new, name)]
     if changed:
         new = replace(new, **{name: getattr(old, name) for name in changed})
-    return new, changed
+    new, listeners = tls_sections.pin_listeners(old, new)
+    return new, changed + listeners
 
 
 class Reloader:
@@ -84,6 +86,8 @@ class Reloader:
 
     ``load`` is ``None`` in no-file mode: the environment is fixed at start, so there is nothing to re-read.
     ``check_now()`` and ``reload_now()`` let tests drive it without waiting for a poll.
+    Each of ``preparers`` builds what a new config needs (a TLS context from renewed files) before anything is
+    swapped, and returns the step that puts it in place; a ``ConfigError`` from one fails the whole reload.
     """
 
     def __init__(
@@ -94,8 +98,10 @@ class Reloader:
         tokens: Callable[[], TokenManager | None],
         load: Callable[[], Config] | None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        preparers: Sequence[Callable[[Config], Callable[[], None]]] = (),
     ) -> None:
         self.holder = holder
+        self._preparers = preparers
         self._metrics = metrics
         self._tokens = tokens
         self._load = load
@@ -176,10 +182,16 @@ class Reloader:
                 return self._failed(trigger, exc.problems)
             except Exception as exc:  # a bug must not take the running config down with it
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
-            missing = [p for p in new.secret_files if p not in self._watch.paths]
+            new, fixed = _pin_fixed(self.holder.current, new)
+            try:
+                commits = [prepare(new) for prepare in self._preparers]
+            except ConfigError as exc:
+                return self._failed(trigger, exc.problems)
+            files = (*new.secret_files, *tls_sections.watched_files(new))
+            missing = [p for p in files if p not in self._watch.paths]
             if missing:
                 self._watch.watch([*self._watch.paths, *missing])
-            self._apply(new, trigger)
+            self._apply(new, trigger, fixed, commits)
             return True
 
     def _candidate_paths(self) -> list[Path]:
@@ -189,6 +201,7 @@ class Reloader:
             paths.append(current.source)
             paths.extend(referenced_files(current.source))
         paths.extend(current.secret_files)
+        paths.extend(tls_sections.watched_files(current))
         return paths
 
     def _failed(self, trigger: str, problems: list[str]) -> bool:
@@ -202,9 +215,8 @@ class Reloader:
         )
         return False
 
-    def _apply(self, new: Config, trigger: str) -> None:
+    def _apply(self, new: Config, trigger: str, fixed: list[str], commits: list[Callable[[], None]]) -> None:
         old = self.holder.current
-        new, fixed = _pin_fixed(old, new)
         if fixed:
             log.warning(
                 "config reload: %s cannot change while running; keeping the values from start-up until a restart",
@@ -218,6 +230,8 @@ class Reloader:
 
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
+        for commit in commits:
+            commit()
         self._metrics.set_tenants(new.tenants)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable
 
 from aiohttp import web
@@ -48,11 +49,15 @@ def run_until_signalled(body: Callable[[Stop], object]) -> int:
 
 
 async def start_site(
-    app: web.Application, address: Address, *, shutdown_timeout: float = 60.0
+    app: web.Application,
+    address: Address,
+    *,
+    shutdown_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, Address]:
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:
@@ -83,9 +88,11 @@ async def serve(
     ``web_protocol.RequestHandler.shutdown``). The admin port stays up to the end, so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
+    from ..tls.serving import TLSListeners
     from .app import RUNTIME, create_admin_app, create_app
     from .reload import Reloader
 
+    listeners = TLSListeners(config, os.environ)  # ConfigError (exit 2) before anything is bound
     app = create_app(config)
     runtime = app[RUNTIME]
 
@@ -99,7 +106,9 @@ async def serve(
 
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
-    data_runner, data_addr = await start_site(app, config.listen, shutdown_timeout=shutdown.timeout_seconds)
+    data_runner, data_addr = await start_site(
+        app, config.listen, shutdown_timeout=shutdown.timeout_seconds, ssl_context=listeners.ssl_context
+    )
     try:
         admin_runner, admin_addr = await start_site(
             create_admin_app(runtime), config.admin_listen, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS
@@ -107,8 +116,19 @@ async def serve(
     except OSError:
         await data_runner.cleanup()
         raise
+    try:
+        await listeners.start(lambda: runtime.holder.current, data_runner)
+    except OSError:
+        await admin_runner.cleanup()
+        await data_runner.cleanup()
+        raise
     reloader = Reloader(
-        runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load, poll_seconds=poll_seconds
+        runtime.holder,
+        runtime.metrics,
+        tokens=lambda: runtime.tokens,
+        load=load,
+        poll_seconds=poll_seconds,
+        preparers=listeners.preparers,
     )
     reloader.start()
     log.info(
@@ -122,6 +142,7 @@ async def serve(
             "admin_listen": str(admin_addr),
             "tenants": len(config.tenants),
             "watching": [str(p) for p in reloader.watched],
+            **listeners.log_fields(),
         },
     )
     if on_ready:
@@ -140,6 +161,7 @@ async def serve(
         await asyncio.sleep(drain)
         for site in list(data_runner.sites):
             await site.stop()  # closes the listening socket: new connections are refused from here on
+        await listeners.stop_listening()
         in_flight = len(data_runner.server.connections) if data_runner.server else 0
         log.info(
             "listener closed; waiting up to %ss for %d open connections",
@@ -155,7 +177,9 @@ async def serve(
         announce.cancel()
         runtime.draining = True
         await reloader.close()
-        await data_runner.cleanup()  # waits up to shutdown.timeout_seconds for in-flight requests
+        await listeners.stop_listening()
+        await data_runner.cleanup()  # waits up to shutdown.timeout_seconds for in-flight requests, tunnelled ones too
+        await listeners.close()
         await admin_runner.cleanup()
         log.info("stopped", extra={"event": "stopped"})
     return EXIT_OK
