@@ -86,10 +86,13 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
 def describe_ssl_error(exc: Exception) -> str:
     """An SSL or file error in words, without anything read from the files."""
     if isinstance(exc, ssl.SSLError):
-        reason = exc.reason or ""
+        # OpenSSL's reason code; CPython leaves it None for some errors ("[SSL] PEM lib"), so the text is the fallback.
+        reason = exc.reason or (str(exc.args[1]) if len(exc.args) > 1 else "")
         if "KEY_VALUES_MISMATCH" in reason:
             return "the key does not belong to the certificate"
-        if reason in ("PEM_LIB", "NO_START_LINE") or "PEM" in reason:
+        if "NO_CERTIFICATE_OR_CRL_FOUND" in reason:
+            return "no PEM certificate in it"
+        if "PEM" in reason.upper():
             return "not a PEM certificate and key"
         return f"cannot be used ({reason or 'TLS error'})"
     if isinstance(exc, OSError):
@@ -136,9 +139,8 @@ def parse_tls(problems: _Problems, raw: object) -> TLSConfig | None:
 
 
 def _is_ca_error(exc: Exception) -> bool:
-    # load_verify_locations is the last step: an error from it names no key or chain problem.
-    reason = getattr(exc, "reason", "") or ""
-    return "KEY" not in reason and "CERT_CHAIN" not in reason and reason != "PEM_LIB"
+    # load_verify_locations is the last step; it reports a file without certificates this way.
+    return "NO_CERTIFICATE_OR_CRL_FOUND" in (getattr(exc, "reason", "") or "")
 
 
 def parse_forward_proxy(problems: _Problems, raw: object) -> ForwardProxyConfig | None:
