@@ -1,0 +1,227 @@
+"""What TLS costs per request: the plain data port, the TLS data port, and the forward-proxy mode (CONNECT + TLS).
+
+Starts `st-proxy simulate` and two `st-proxy serve` processes on loopback (one with a plain data port and the
+forward-proxy listener, one with TLS on the data port; certificates from the local CA of `st_proxy.tls.certs`), then
+drives each mode in turn with an aiohttp client, `--concurrency` callers for `--seconds` (and at most
+`--max-requests`), twice: with kept-alive connections, and with a new connection per request (what a library calling
+module-level `requests.get` does: through the forward proxy that is a CONNECT, a TLS handshake and a leaf from the
+cache, every time). Prints req/s, latency percentiles and the serving proxy's CPU time per request (from
+/proc/PID/stat), which is the number to compare: the client shares the machine's cores, so req/s is a floor.
+
+    .venv/bin/python bench/tls.py [--seconds 5] [--concurrency 16] [--max-requests 20000]
+    .venv/bin/python bench/run.py tls ...     (where bench/run.py exists)
+
+Not run by CI; nothing here is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
+from st_proxy.tls.certs import LocalCA, write_ca, write_pair
+
+SCENARIO = "tls"
+HELP = "cost per request of the TLS data port and the forward-proxy mode, against the plain data port"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEADLINE = 20.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=float, default=5.0, help="per mode (default 5)")
+    parser.add_argument("--concurrency", type=int, default=16, help="callers at once (default 16)")
+    parser.add_argument("--max-requests", type=int, default=20000, help="per mode, an upper bound (default 20000)")
+    parser.add_argument("--log-level", default="warning", help="the proxies' log level (default warning)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("st-proxy")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "st_proxy"]
+
+
+def _wait(url: str, context: ssl.SSLContext | None = None) -> None:
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up within {DEADLINE}s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+async def _load(
+    url: str, *, proxy: str | None, context: ssl.SSLContext | bool, fresh: bool, args: argparse.Namespace
+) -> dict[str, float]:
+    latencies: list[float] = []
+    failures = 0
+    end = time.monotonic() + args.seconds
+    connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=fresh)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def caller() -> None:
+            nonlocal failures
+            while time.monotonic() < end and len(latencies) + failures < args.max_requests:
+                started = time.perf_counter()
+                try:
+                    async with session.get(url, proxy=proxy, ssl=context) as resp:
+                        await resp.read()
+                        ok = resp.status == 200
+                except aiohttp.ClientError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failures += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    count = len(latencies)
+    return {
+        "requests": count,
+        "failures": failures,
+        "rps": count / elapsed if elapsed else 0.0,
+        "p50": latencies[count // 2] * 1000 if count else 0.0,
+        "p99": latencies[min(count - 1, int(count * 0.99))] * 1000 if count else 0.0,
+        "mean": statistics.fmean(latencies) * 1000 if count else 0.0,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    tenant = DEMO_TENANTS[0]
+    path = f"/crm/v2/tenant/{tenant.tenant_id}/customers/42"
+    children: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="st-proxy-bench-tls-") as tmp:
+        base = Path(tmp)
+        ca = LocalCA.create(permit=["api.servicetitan.io", "auth.servicetitan.io", "localhost", "127.0.0.1"])
+        write_ca(ca, base / "ca")
+        write_pair(*ca.issue(["localhost", "127.0.0.1"]), base / "server")
+        trust = ssl.create_default_context(cafile=str(base / "ca" / "ca.crt"))
+        ports = {name: _free_port() for name in ("sim", "plain", "plain_admin", "forward", "tls", "tls_admin")}
+        sim = f"http://127.0.0.1:{ports['sim']}"
+
+        def config(name: str, **sections: object) -> Path:
+            raw = {
+                "listen": f"127.0.0.1:{ports[name]}",
+                "admin_listen": f"127.0.0.1:{ports[name + '_admin']}",
+                "app_key": {"value": DEMO_APP_KEY},
+                "environments": {"production": {"auth_url": f"{sim}/connect/token", "api_url": sim}},
+                "tenants": {
+                    t.tenant_id: {"client_id": t.client_id, "client_secret": {"value": t.client_secret}}
+                    for t in DEMO_TENANTS
+                },
+                **sections,
+            }
+            file = base / f"{name}.yaml"
+            file.write_text(json.dumps(raw))
+            return file
+
+        plain = config(
+            "plain",
+            forward_proxy={
+                "listen": f"127.0.0.1:{ports['forward']}",
+                "ca_cert_file": str(base / "ca" / "ca.crt"),
+                "ca_key_file": str(base / "ca" / "ca.key"),
+            },
+        )
+        tls = config(
+            "tls", tls={"cert_file": str(base / "server" / "tls.crt"), "key_file": str(base / "server" / "tls.key")}
+        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+            env.pop(key, None)
+        try:
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+            children.append(
+                subprocess.Popen([*_command(), "simulate", "--listen", f"127.0.0.1:{ports['sim']}"], **quiet)
+            )  # type: ignore[call-overload]
+            _wait(f"{sim}/_sim/stats")
+            level = ["--log-level", args.log_level]
+            plain_proc = subprocess.Popen([*_command(), "serve", "--config", str(plain), *level], **quiet)  # type: ignore[call-overload]
+            tls_proc = subprocess.Popen([*_command(), "serve", "--config", str(tls), *level], **quiet)  # type: ignore[call-overload]
+            children += [plain_proc, tls_proc]
+            _wait(f"http://127.0.0.1:{ports['plain_admin']}/readyz")
+            _wait(f"http://127.0.0.1:{ports['tls_admin']}/readyz")
+
+            modes = [
+                ("plain data port", f"http://127.0.0.1:{ports['plain']}{path}", None, True, plain_proc),
+                ("TLS data port", f"https://localhost:{ports['tls']}{path}", None, trust, tls_proc),
+                (
+                    "forward proxy",
+                    f"https://api.servicetitan.io{path}",
+                    f"http://127.0.0.1:{ports['forward']}",
+                    trust,
+                    plain_proc,
+                ),
+            ]
+            rows = []
+            for fresh in (False, True):
+                for name, url, proxy, context, proc in modes:
+                    asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=_warmup(args)))
+                    cpu_before = _cpu_seconds(proc.pid)
+                    result = asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=args))
+                    cpu = _cpu_seconds(proc.pid) - cpu_before
+                    result["cpu_us"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+                    rows.append(("new connection" if fresh else "kept alive", name, result))
+        finally:
+            for child in reversed(children):
+                child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+    print(
+        f"GET {path}, {args.concurrency} callers, {args.seconds:g} s per mode, proxies at log level {args.log_level}, "
+        f"{os.cpu_count()} cores shared by client, proxies and simulator"
+    )
+    print(
+        f"{'connections':15} {'mode':16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU/req':>14} {'failed':>7}"
+    )
+    failed = 0
+    for conn, name, r in rows:
+        failed += int(r["failures"])
+        print(
+            f"{conn:15} {name:16} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['cpu_us']:11.0f} us "
+            f"{int(r['failures']):7d}"
+        )
+    return 1 if failed else 0
+
+
+def _warmup(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "seconds": min(1.0, args.seconds), "max_requests": 500})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=HELP)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
