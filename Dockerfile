@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY st_proxy/ st_proxy/
 COPY deploy/docker/install.sh /usr/local/bin/st-proxy-install
 RUN sh /usr/local/bin/st-proxy-install /src /opt/st-proxy /tmp/wheels

@@ -1,4 +1,4 @@
-"""Loading the YAML config (design.md section 1): defaults, secret references, environments, tenants, and every way a
+"""Loading the YAML config (docs/configuration.md): defaults, secret references, environments, tenants, and every way a
 config can be wrong, each reported with its path, all at once, without a secret in sight."""
 
 from __future__ import annotations

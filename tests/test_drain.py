@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real `st-proxy serve` process (design.md section 3).
+"""Graceful shutdown of a real `st-proxy serve` process (docs/operations.md, "Shutdown and draining").
 
 The upstream here is a gate: it sends the status line and a first chunk, then holds the rest of the stream until the
 test opens the gate, so "a request in flight when SIGTERM arrives" is a fact, not a race.

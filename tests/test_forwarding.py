@@ -1,4 +1,4 @@
-"""End to end through the proxy: what reaches the upstream, byte for byte, and what comes back (design.md section 1).
+"""End to end through the proxy: what reaches the upstream, byte for byte, and what comes back (docs/forwarding.md).
 
 The upstream here is either the simulator or ``Recorder``, a plain aiohttp server that keeps exactly what arrived
 (raw request target, raw header list, body bytes) and answers as the test tells it to.

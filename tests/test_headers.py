@@ -1,4 +1,4 @@
-"""What travels and what does not (design.md section 1, "What is forwarded"): the header functions, then the same
+"""What travels and what does not (docs/forwarding.md): the header functions, then the same
 rules end to end through the proxy, with a byte-level upstream on loopback that records exactly what arrived."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Logs (design.md section 1): one JSON access line per request, lifecycle events, text mode, and no secrets."""
+"""Logs (docs/operations.md, "Logs"): one JSON access line per request, lifecycle events, text mode, and no secrets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metrics of design.md section 1: names, types, labels, bounded label values, and exact values after traffic."""
+"""The metrics of docs/operations.md: names, types, labels, bounded label values, and exact values after traffic."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ OK, REJECTED, REFUSED, RESET, SILENT = "2000001", "2000002", "2000003", "2000004
 TENANTS = (OK, REJECTED, REFUSED, RESET, SILENT)
 TTL = 900
 
-# design.md section 1, "Metrics": family name (as the text parser names it) -> (type, label names)
+# docs/operations.md, "Metrics": family name (as the text parser names it) -> (type, label names)
 DESIGN = {
     "st_proxy_requests": ("counter", {"tenant", "method", "code"}),
     "st_proxy_request_duration_seconds": ("histogram", {"tenant"}),

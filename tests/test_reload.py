@@ -1,4 +1,4 @@
-"""Live reload (design.md section 3): file changes by atomic rename and by Kubernetes' `..data` symlink swap, SIGHUP to a
+"""Live reload (docs/operations.md): file changes by atomic rename and by Kubernetes' `..data` symlink swap, SIGHUP to a
 real `st-proxy serve` process, and invalid configs that must leave the running one in force.
 
 In-process tests drive ``Reloader.check_now()`` / ``reload_now()`` directly, so nothing waits for a poll.

@@ -1,4 +1,4 @@
-"""Upstream 401 replay (design.md section 2, issue 3 point 6), through the proxy against the real simulator, plus one
+"""Upstream 401 replay (docs/tokens.md, issue 3 point 6), through the proxy against the real simulator, plus one
 small fake API that refuses every token (the simulator never refuses a fresh one)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Routing a request to a tenant (design.md section 1): header, then path, then default; the 400 / 403 answers."""
+"""Routing a request to a tenant (docs/configuration.md): header, then path, then default; the 400 / 403 answers."""
 
 from __future__ import annotations
 
@@ -175,7 +175,8 @@ async def test_routing_errors_are_problem_responses_with_their_code(
     assert body["status"] == status
     assert body["tenant"] == tenant
     assert body["request_id"] == "req-routing-1"
-    assert body["type"].endswith(code) and body["title"] and body["detail"]
+    assert body["type"] == f"tag:st-credential-proxy,2026:problem:{code}"  # RFC 4151 tag URI, docs/errors.md
+    assert body["title"] and body["detail"]
     assert simulator.token_requests == 0 and simulator.api_requests == 0  # nothing left the proxy
 
 

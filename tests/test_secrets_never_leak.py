@@ -1,5 +1,5 @@
 """No client secret, app key or access token ever shows up in a log line, a metric, an error body or a header sent to
-a caller (design.md section 1, "Logs"; section 4). A scripted mix of traffic touches every path that logs or answers
+a caller (docs/operations.md, "Logs"). A scripted mix of traffic touches every path that logs or answers
 an error; then every byte the proxy produced is searched for every secret it held and every token it was issued."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bodies stream through the proxy both ways, never read whole (design.md section 1, "What is forwarded").
+"""Bodies stream through the proxy both ways, never read whole (docs/forwarding.md).
 
 Streaming is proven by order of events, not by time: the caller holds back its last upload chunk until the upstream
 has seen the first bytes, and the upstream holds back the rest of a download until the caller has seen the first

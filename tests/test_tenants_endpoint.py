@@ -1,4 +1,4 @@
-"""The admin port's view of the token lifecycle: prewarm and /readyz, and /tenants (design.md section 1, issue 3)."""
+"""The admin port's view of the token lifecycle: prewarm and /readyz, and /tenants (docs/tokens.md, issue 3)."""
 
 from __future__ import annotations
 

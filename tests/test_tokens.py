@@ -1,4 +1,4 @@
-"""The token lifecycle (design.md section 2, issue 3): TokenManager alone with a small gated fetcher for the pure rules,
+"""The token lifecycle (docs/tokens.md, issue 3): TokenManager alone with a small gated fetcher for the pure rules,
 and end to end through the proxy against the real simulator for everything a caller or the token endpoint can see."""
 
 from __future__ import annotations

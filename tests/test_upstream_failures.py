@@ -1,5 +1,4 @@
-"""When ServiceTitan or its token endpoint fails, the caller gets the proxy's problem answer (design.md section 1,
-"Errors the proxy itself produces"), and the proxy stays healthy for the next request."""
+"""When ServiceTitan or its token endpoint fails, the caller gets the proxy's problem answer (docs/errors.md), and the proxy stays healthy for the next request."""
 
 from __future__ import annotations
 

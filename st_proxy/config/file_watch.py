@@ -11,7 +11,7 @@ deletes the old directory. The visible name itself never changes, so watching it
 ``os.stat`` follows the symlinks to the file the name means *now*, and ``os.path.realpath`` names that file, so the
 swap shows up as a new real path and inode. The same snapshot catches an editor's write-then-rename (new inode), an
 in-place write (new size or mtime), and a file that appears or disappears. A ``subPath`` mount is a bind mount of one
-file at start and never sees updates: mount the whole volume (the README says so).
+file at start and never sees updates: mount the whole volume (docs/operations.md says so).
 """
 
 from __future__ import annotations

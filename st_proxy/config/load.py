@@ -228,7 +228,7 @@ def _tenants(
         else:
             secret = _secret(problems, f"{path}.client_secret", spec["client_secret"], environ)
         own_key = app_key
-        if "app_key" in spec:  # a scope migration: this tenant uses the new app's key (servicetitan.md)
+        if "app_key" in spec:  # a scope migration: this tenant uses the new app's key (docs/servicetitan.md)
             own_key = _secret(problems, f"{path}.app_key", spec["app_key"], environ, header=True)
         if environment and isinstance(client_id, str) and client_id.strip() and secret and own_key:
             result[tenant_id] = Tenant(tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1])
@@ -273,7 +273,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         except ValueError as exc:
             problems.add(key, str(exc))
     if "listen" in addresses and not is_loopback(addresses["listen"]):
-        # design.md section 4: whoever reaches the data port acts with every tenant's credentials.
+        # docs/operations.md: whoever reaches the data port acts with every tenant's credentials.
         problems.warnings.append(
             f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
             "can connect acts with every tenant's credentials"

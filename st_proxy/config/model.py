@@ -57,7 +57,7 @@ class Tenant:
     app_key_ref: SecretRef
 
     def credentials_key(self) -> tuple[str, str, str, str]:
-        """What a token is minted from: a change in any part means a token must not be reused (design.md section 2)."""
+        """What a token is minted from: a change in any part means a token must not be reused (docs/tokens.md)."""
         return (self.environment.auth_url, self.tenant_id, self.client_id, self.client_secret.fingerprint())
 
 

@@ -12,7 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-# Credentials the proxy owns: whatever the caller sent is replaced (servicetitan.md, "Calling the API").
+# Credentials the proxy owns: whatever the caller sent is replaced (docs/servicetitan.md, "Calling the API").
 CREDENTIALS = frozenset({"authorization", "st-app-key"})
 REQUEST_ID = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -66,6 +66,6 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str
     return out
 
 
-# Headers aiohttp's client would invent. The caller's own are forwarded; none is added (design.md section 6: an
+# Headers aiohttp's client would invent. The caller's own are forwarded; none is added (docs/forwarding.md: an
 # added Accept-Encoding would hand callers compressed bodies they never asked for).
 NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})

@@ -9,13 +9,15 @@ from aiohttp import web
 
 from ..errors import ProxyError
 
-PROBLEM_TYPE = "https://github.com/st-credential-proxy/st-credential-proxy/blob/main/README.md#errors"
+# A tag URI (RFC 4151): an identifier that names the problem without pointing at an address; RFC 9457 section 3.1.1
+# allows a non-resolvable type URI. The codes are documented in docs/errors.md.
+PROBLEM_TYPE = "tag:st-credential-proxy,2026:problem:"
 ERROR_HEADER = "X-ST-Proxy-Error"
 
 
 def problem_response(error: ProxyError, request_id: str | None) -> web.Response:
     body = {
-        "type": f"{PROBLEM_TYPE}-{error.code}",
+        "type": f"{PROBLEM_TYPE}{error.code}",
         "title": error.title,
         "status": error.status,
         "detail": error.detail,

@@ -1,4 +1,4 @@
-"""Which tenant a request is for (design.md section 1, "Routing a request to a tenant"). Pure functions.
+"""Which tenant a request is for (docs/configuration.md, "Routing a request to a tenant"). Pure functions.
 
 1. the tenant header, if configured and present (headers.py removes it before forwarding);
 2. else the ``/{module}/v{n}/tenant/{id}/`` segment of the path;
@@ -17,7 +17,7 @@ from ..config import RoutingConfig
 from ..config.values import TENANT_ID
 from ..errors import RequestError, TenantMismatch, TenantRequired
 
-# ServiceTitan URLs are {base}/{module}/v{n}/tenant/{tenant id}/... (servicetitan.md, "Calling the API"). re.ASCII:
+# ServiceTitan URLs are {base}/{module}/v{n}/tenant/{tenant id}/... (docs/servicetitan.md, "Calling the API"). re.ASCII:
 # \d would also match other scripts' digits ("٤٢"), which are no tenant id; \Z, not $, which also matches before a
 # trailing newline.
 TENANT_IN_PATH = re.compile(r"/[^/]+/v\d+/tenant/(\d+)(?:/|\Z)", re.ASCII)

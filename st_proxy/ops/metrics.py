@@ -1,4 +1,4 @@
-"""Prometheus metrics (design.md section 1). Every metric lives in the registry handed in: no global registry.
+"""Prometheus metrics (docs/operations.md, "Metrics"). Every metric lives in the registry handed in: no global registry.
 
 Label values are bounded so callers cannot grow the series count: ``tenant`` only ever holds a configured tenant id or
 ``none``, ``method`` a standard method or ``other``, ``kind`` / ``outcome`` / ``result`` their fixed sets. Label sets
@@ -152,7 +152,7 @@ class Metrics:
                 metric.labels(*labels)
 
     def _fixed_series(self, tenant: str):
-        """Every per-tenant series with fixed label values (design.md: they exist from start, at zero)."""
+        """Every per-tenant series with fixed label values (docs/operations.md: they exist from start, at zero)."""
         yield self.request_duration, (tenant,)
         yield self.token_fetch_duration, (tenant,)
         yield self.token_replays, (tenant,)

@@ -49,7 +49,7 @@ def _session(
             sock_connect=upstream.connect_timeout_seconds,
             sock_read=read_timeout,
         ),
-        cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (design.md section 6)
+        cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies must never reach another (docs/forwarding.md)
         # API answers: Content-Encoding passes through untouched. Token answers are read here, and aiohttp asks for
         # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.
         auto_decompress=decompress,

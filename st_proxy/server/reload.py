@@ -1,6 +1,6 @@
-"""The current config, swapped atomically; re-read when its files change or on SIGHUP (design.md section 3).
+"""The current config, swapped atomically; re-read when its files change or on SIGHUP (docs/operations.md).
 
-A started ``web.Application`` is frozen (design.md section 6), so the config lives in a holder stored on the app and
+A started ``web.Application`` is frozen (aiohttp refuses changes to it), so the config lives in a holder stored on the app and
 reload swaps the value inside it. A request reads ``holder.current`` once and keeps that config to its end, so
 in-flight requests finish on the config they started with while new ones get the new config.
 

@@ -32,7 +32,7 @@ class Runtime:
         return self.holder.current
 
     def ready(self) -> bool:
-        """Ready once the first token attempt for every tenant has finished, success or not (design.md section 1).
+        """Ready once the first token attempt for every tenant has finished, success or not (docs/tokens.md).
 
         A latch: a tenant added later by a reload is prewarmed in the background but does not take the whole proxy
         out of its load balancer while that happens; its requests wait on the token like any cold request.

@@ -1,4 +1,4 @@
-"""Running the proxy's two servers: start-up, signals, and the graceful drain (design.md section 3)."""
+"""Running the proxy's two servers: start-up, signals, and the graceful drain (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ async def serve(
     load: Callable[[], Config] | None = None,
     poll_seconds: float = 1.0,
 ) -> int:
-    """Run the proxy until ``stop``, then drain (design.md section 3). ``load`` re-reads the config for reloads.
+    """Run the proxy until ``stop``, then drain (docs/operations.md). ``load`` re-reads the config for reloads.
 
     Shutdown, on SIGTERM: /readyz answers 503 at once so load balancers and Kubernetes endpoints stop sending new
     work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).

@@ -1,6 +1,6 @@
 """Where outbound connections go: the HTTP(S) proxy, if any, for a token endpoint or API base.
 
-``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` are honoured for token and API calls alike (design.md section 1). They are
+``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` are honoured for token and API calls alike (docs/configuration.md). They are
 looked up once per base URL, not per request: aiohttp's own ``trust_env=True`` repeats the lookup on every request and
 reads ``~/.netrc`` in a worker thread each time, which cut the proxy's throughput to less than a third
 (`bench/throughput.py`: 1,780 req/s with it, 5,900 without). The environment is read by the caller (``app.py``) and

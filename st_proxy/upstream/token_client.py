@@ -24,7 +24,7 @@ from yarl import URL
 from ..config import Tenant
 from .egress import DIRECT
 
-DEFAULT_LIFETIME = 900.0  # ServiceTitan's documented lifetime, used when the answer says nothing (servicetitan.md)
+DEFAULT_LIFETIME = 900.0  # ServiceTitan's usual lifetime, used when the answer says nothing (docs/servicetitan.md)
 # RFC 6749 section 5.2 codes that mean the credentials themselves are wrong: retrying soon cannot help.
 REJECTED_CODES = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
 # The ``error`` code is shown to callers (token_rejected detail) and in /tenants: keep it to a plain token. RFC 6749
@@ -35,7 +35,7 @@ ACCESS_TOKEN = re.compile(r"[\x21-\x7e]+")
 MAX_ANSWER_BYTES = 1 << 20  # a token answer is a few KiB; a bigger one is not a token answer
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: tokens compare by identity (design.md section 2, 401 replay)
+@dataclass(frozen=True, eq=False)  # eq=False: tokens compare by identity (docs/tokens.md, "Upstream 401")
 class Token:
     access_token: str = field(repr=False)
     issued_at: float
@@ -140,7 +140,7 @@ def _error_from_answer(status: int, body: bytes, retry_after: float | None) -> T
         description = (
             f"{description} ({code})" if not isinstance(desc, str) else f"{description} ({code}: {desc[:200]})"
         )
-    # 429 and 5xx are the endpoint's own trouble, whatever the body says (servicetitan.md: transient). A 400/401, or an
+    # 429 and 5xx are the endpoint's own trouble, whatever the body says (docs/servicetitan.md). A 400/401, or an
     # RFC 6749 section 5.2 code naming the credentials, is the endpoint judging them: asking again soon cannot help.
     transient = status == 429 or status >= 500
     rejected = not transient and (code in REJECTED_CODES or status in (400, 401))

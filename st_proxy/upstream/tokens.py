@@ -1,4 +1,4 @@
-"""TokenManager: when to fetch a tenant's token, and when to reuse it (design.md section 2).
+"""TokenManager: when to fetch a tenant's token, and when to reuse it (docs/tokens.md).
 
 - One entry per credentials key (auth URL, tenant, client id, secret fingerprint): a rotated secret never reuses a
   token minted from the old one.
@@ -14,7 +14,7 @@
   first request after the delay starts the next attempt, so nothing ever stops retrying and an idle tenant costs nothing.
 - An upstream 401 drops the token only if it is still the current one (identity), and at most once per
   ``INVALIDATE_MIN_INTERVAL`` per entry: an API that refuses every fresh token must not turn each request into a token
-  request (ServiceTitan throttles its token endpoint, servicetitan.md).
+  request (ServiceTitan throttles its token endpoint, docs/servicetitan.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .token_client import Token, TokenRequestFailed
 
 log = logging.getLogger("st_proxy.tokens")
 
-BACKOFF_FIRST = 1.0  # design.md section 2: 1 s doubling to 60 s
+BACKOFF_FIRST = 1.0  # docs/tokens.md: 1 s doubling to 60 s
 BACKOFF_MAX = 60.0
 RETRY_AFTER_MAX = 600.0  # a server's Retry-After is honoured up to this; a bogus one must not stop retries for hours
 INVALIDATE_MIN_INTERVAL = 30.0  # at most one 401-triggered refetch per entry in this many seconds
@@ -250,7 +250,7 @@ class TokenManager:
     def _failed(self, entry: TokenEntry, failure: TokenRequestFailed) -> None:
         now = self._clock()
         tenant_id = entry.tenant.tenant_id
-        # One log line per state change (design.md section 2), not one per attempt or per refused request.
+        # One log line per state change (docs/tokens.md), not one per attempt or per refused request.
         changed = entry.last_error != failure.code or entry.rejected != failure.rejected
         entry.last_error = failure.code
         if failure.rejected:
