@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import requests
 from aiohttp import web
 from conftest import T1
 from prometheus_client import CollectorRegistry
@@ -108,6 +109,23 @@ async def test_aiohttp_through_https_proxy_reaches_the_tenant_with_injected_cred
     assert simulator.api_requests >= 1
 
 
+async def test_requests_through_https_proxy_works_the_same(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca))
+
+    def call() -> requests.Response:
+        with requests.Session() as session:
+            session.trust_env = False  # only the proxy given here, whatever the machine's environment says
+            return session.get(
+                f"https://api.servicetitan.io/jpm/v2/tenant/{T1.tenant_id}/jobs/42",
+                proxies={"https": stack.proxy_url},
+                verify=str(ca / "ca.crt"),
+                timeout=30,
+            )
+
+    resp = await asyncio.to_thread(call)
+    assert resp.status_code == 200 and resp.json()["id"] == 42
+
+
 async def test_the_leaf_names_exactly_the_connect_host_whatever_sni_the_client_sends(simulator, forward_stack, ca):
     stack = await forward_stack(production_at(simulator, ca))
     head, reader, writer = await raw_connect(stack, "api.servicetitan.io:443")
@@ -137,6 +155,7 @@ async def test_another_host_gets_403_and_nothing_is_dialled(simulator, forward_s
             assert b"X-ST-Proxy-Error: connect_refused" in head
             body = json.loads(await reader.read())  # then the connection is closed
             assert body["status"] == 403 and target in body["detail"]
+            assert body["type"] == "tag:st-credential-proxy,2026:problem:connect_refused"
             writer.close()
     finally:
         bystander.close()

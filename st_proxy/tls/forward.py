@@ -33,6 +33,7 @@ from aiohttp import web
 
 from ..config import Address, Config, ConfigError, ForwardProxyConfig
 from ..config.file_watch import snapshot
+from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
 from .certs import CertError, LocalCA
 from .leaves import LeafCache
 from .tunnel import TunnelFailed, relay
@@ -49,7 +50,6 @@ MAX_HEAD_BYTES = 8192  # a CONNECT head is one line and a few headers
 HEAD_TIMEOUT_SECONDS = 10.0
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
 _AUTHORITY = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
-_PROBLEM_TYPE = "https://github.com/st-credential-proxy/st-credential-proxy/blob/main/docs/tls.md#forward-proxy-errors"
 
 
 def intercepted(config: Config) -> frozenset[tuple[str, int]]:
@@ -68,10 +68,10 @@ def intercepted(config: Config) -> frozenset[tuple[str, int]]:
 def _answer(status: int, reason: str, code: str | None = None, detail: str = "") -> bytes:
     if code is None:
         return f"HTTP/1.1 {status} {reason}\r\n\r\n".encode()
-    body = json.dumps({"type": f"{_PROBLEM_TYPE}-{code}", "title": reason, "status": status, "detail": detail}).encode()
+    body = json.dumps({"type": f"{PROBLEM_TYPE}{code}", "title": reason, "status": status, "detail": detail}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nServer: st-proxy\r\nContent-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\nX-ST-Proxy-Error: {code}\r\nConnection: close\r\n"
+        f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {code}\r\nConnection: close\r\n"
     )
     if status == 405:
         head += "Allow: CONNECT\r\n"
