@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import T1
-from serve_process import ServeProcess, write_config
+from serve_process import ServeProcess, poll_until, write_config
 from tls_helpers import client_context, make_ca
 
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
@@ -76,8 +76,11 @@ async def test_tunnels_through_the_running_proxy_reach_the_tenant(simulator, pro
     assert resp.status == 200 and len(page["data"]) == 3
     connect = await proc.wait_event("connect")
     assert (connect["target"], connect["outcome"]) == ("api.servicetitan.io:443", "intercepted")
-    access = [e for e in proc.events if e.get("path") == f"/crm/v2/tenant/{T1.tenant_id}/customers"]
-    assert access and access[0]["status"] == 200 and access[0]["tenant"] == T1.tenant_id
+    async def access_line():
+        return [e for e in proc.events if e.get("path") == f"/crm/v2/tenant/{T1.tenant_id}/customers"]
+
+    (access,) = await poll_until(access_line, what="the tunnelled request's access log line")
+    assert access["status"] == 200 and access["tenant"] == T1.tenant_id
 
 
 async def test_a_renewed_ca_signs_the_next_tunnels_and_a_broken_one_is_kept_out(simulator, proxy_process, tmp_path):
