@@ -23,6 +23,7 @@ from .config import (
     load_file,
     parse_address,
 )
+from .config import tls as tls_sections
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
 
@@ -147,6 +148,7 @@ def summary(config: Config) -> list[str]:
             f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
             f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
+    lines.extend(tls_sections.summary_lines(config))
     return lines
 
 

@@ -76,6 +76,7 @@ async def test_tunnels_through_the_running_proxy_reach_the_tenant(simulator, pro
     assert resp.status == 200 and len(page["data"]) == 3
     connect = await proc.wait_event("connect")
     assert (connect["target"], connect["outcome"]) == ("api.servicetitan.io:443", "intercepted")
+
     async def access_line():
         return [e for e in proc.events if e.get("path") == f"/crm/v2/tenant/{T1.tenant_id}/customers"]
 

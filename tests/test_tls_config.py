@@ -179,3 +179,19 @@ def test_an_egress_proxy_pointing_at_one_of_the_listeners_is_found(environ, loop
         assert problems == []
     else:
         assert len(problems) == 1 and all(part in problems[0] for part in loops), problems
+
+
+def test_check_config_names_the_tls_files_and_the_forward_proxy(pki, capsys):
+    from st_proxy.cli import main
+
+    (pki / "config.yaml").write_text(
+        "app_key: {value: k}\n"
+        "tenants: {'1': {client_id: c, client_secret: {env: S}}}\n"
+        "tls: {cert_file: server/tls.crt, key_file: server/tls.key, client_ca_file: ca/ca.crt}\n"
+        "forward_proxy: {listen: '127.0.0.1:8443', ca_cert_file: ca/ca.crt, ca_key_file: ca/ca.key}\n"
+    )
+    assert main(["check-config", "--config", str(pki / "config.yaml")], environ={"S": "s"}) == 0
+    out = capsys.readouterr().out
+    assert f"tls: data port certificate {pki}/server/tls.crt, key {pki}/server/tls.key, client certificates from" in out
+    assert f"forward_proxy: 127.0.0.1:8443, CA {pki}/ca/ca.crt, other hosts: refuse" in out
+    assert "PRIVATE KEY" not in out and "BEGIN" not in out

@@ -215,3 +215,16 @@ def pin_listeners(old: Any, new: Any) -> tuple[Any, list[str]]:
     if changed:
         new = replace(new, tls=tls, forward_proxy=forward)
     return new, changed
+
+
+def summary_lines(config: Any) -> list[str]:
+    """For ``check-config``: what TLS the listeners speak, naming files, never their contents."""
+    lines = []
+    tls: TLSConfig | None = config.tls
+    if tls is not None:
+        mtls = f", client certificates from {tls.client_ca_file}" if tls.client_ca_file else ""
+        lines.append(f"tls: data port certificate {tls.cert_file}, key {tls.key_file}{mtls}")
+    forward: ForwardProxyConfig | None = config.forward_proxy
+    if forward is not None:
+        lines.append(f"forward_proxy: {forward.listen}, CA {forward.ca_cert_file}, other hosts: {forward.other_hosts}")
+    return lines
