@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             reload = (lambda: load_config(args.config, environ)) if config.source is not None else None
             return run_until_signalled(lambda stop: serve(config, stop, load=reload))
         if args.command == "demo":
-            logsetup.setup("text", "info", sys.stderr)
+            logsetup.setup("text", "info", sys.stderr, libraries=True)  # aiohttp's refusals too, as in serve
             listen, admin = _address(args.listen), _address(args.admin_listen)
             return run_until_signalled(lambda stop: demo(listen, admin, args.token_ttl, stop))
         if args.command == "simulate":

@@ -1,6 +1,7 @@
 """Errors the proxy itself answers with. ``http/problems.py`` is the one place that maps them to responses.
 
-    ProxyError                     every error a caller can get from the proxy (never from upstream)
+    ProxyError                     every error a caller can get from the proxy (never from upstream); itself 500
+                                   internal_error, the answer to a bug (an unexpected exception, http/handler.py)
     ├── RequestError               the request itself is wrong: 400 invalid_request, tenant_required, tenant_mismatch,
     │                              403 unknown_tenant, 413 body_too_large
     ├── TokenError                 the tenant's token cannot be had: 502 token_rejected, 503 token_unavailable

@@ -8,7 +8,7 @@ and ``from_environment`` / ``load_file`` take it as an argument. The one-value p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
@@ -200,15 +200,17 @@ def _tenants(
         return {}
     known, written = environments
     result = {}
+    seen: set[str] = set()  # not ``result``: an entry with problems of its own is listed too ("77" and 77)
     for key, spec in raw.items():
         tenant_id = parse_tenant_id(key)
         path = _join("tenants", key)
         if tenant_id is None:
             problems.add(path, "a tenant id must be digits")
             continue
-        if tenant_id in result:
+        if tenant_id in seen:
             problems.add(path, "tenant listed twice")
             continue
+        seen.add(tenant_id)
         if not isinstance(spec, Mapping):
             problems.add(path, f"expected a mapping with client_id and client_secret, got {describe(spec)}")
             continue
@@ -340,7 +342,30 @@ def load_file(path: str | Path, environ: Mapping[str, str]) -> Config:
         raw = parse_yaml(text)
     except ValueError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
-    return from_mapping(raw, environ, path)
+    try:
+        return from_mapping(raw, environ, path)
+    except ConfigError as exc:
+        # Parsed once: the reloader watches these for a retry (a Secret that lands after the ConfigMap naming it).
+        raise ConfigError(exc.problems, files=tuple(file_refs(raw, path))) from None
+
+
+def file_refs(raw: object, source: Path) -> list[Path]:
+    """Every ``{file: ...}`` path a parsed document names, found without validating it; relative paths are read from
+    the config file's directory, as ``from_mapping`` reads them."""
+    base = source.absolute().parent
+    return [base / p for p in _file_refs(raw)]
+
+
+def _file_refs(node: object) -> Iterator[str]:
+    if isinstance(node, Mapping):
+        if len(node) == 1 and isinstance(node.get("file"), str):
+            yield node["file"]
+            return
+        for value in node.values():
+            yield from _file_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _file_refs(value)
 
 
 def from_environment(environ: Mapping[str, str]) -> Config:

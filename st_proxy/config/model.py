@@ -34,9 +34,10 @@ RESERVED_HEADERS = frozenset(
 class ConfigError(Exception):
     """Every problem found in one load, each as ``path: message``."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], files: tuple[Path, ...] = ()) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.files = files  # the {file: ...} paths the document names, valid or not: what to watch for a retry
 
 
 @dataclass(frozen=True)

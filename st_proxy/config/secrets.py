@@ -103,6 +103,8 @@ def resolve(ref: SecretRef, environ: Mapping[str, str] | None = None) -> Secret:
             raise SecretError(f"env var {ref.where} is not set")
         if not value:
             raise SecretError(f"env var {ref.where} is empty")
+        if value.isspace():
+            raise SecretError(f"env var {ref.where} holds only whitespace")
         return Secret(value, ref.describe())
     try:
         text = Path(ref.where).read_text(encoding="utf-8")
@@ -115,4 +117,6 @@ def resolve(ref: SecretRef, environ: Mapping[str, str] | None = None) -> Secret:
     value = text.removesuffix("\n").removesuffix("\r")
     if not value:
         raise SecretError(f"file {ref.where} is empty")
+    if value.isspace():  # a file saved with only a newline or indentation: no credential, whatever was meant
+        raise SecretError(f"file {ref.where} holds only whitespace")
     return Secret(value, ref.describe())

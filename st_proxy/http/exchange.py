@@ -12,7 +12,7 @@ class CallerGone(Exception):
 class Exchange:
     """Filled in by the steps of the request path as they run; read once, when the request ends."""
 
-    __slots__ = ("bytes", "error", "request_id", "status", "tenant", "trace_id", "upstream_ms")
+    __slots__ = ("answering", "bytes", "error", "request_id", "status", "tenant", "trace_id", "upstream_ms")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -22,3 +22,4 @@ class Exchange:
         self.upstream_ms: float | None = None
         self.bytes = 0
         self.trace_id: str | None = None
+        self.answering = False  # the answer's status line has gone to the caller: no other answer can follow

@@ -11,29 +11,38 @@ count in the metrics, whatever step it ended in.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import traceback
 from collections.abc import Callable
 
 from aiohttp import web
 
 from ..config import Config
-from ..errors import ProxyError, RequestError, UnknownTenant
+from ..errors import ProxyError, UnknownTenant
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body
 from .exchange import CALLER_GONE, CallerGone, Exchange
+from .inflight import InFlight
 from .problems import problem_response
 from .relay import relay
 from .replay import send_with_replay
 from .routing import resolve_tenant
 from .send import Sender
+from .target import check_target, origin_form
+
+log = logging.getLogger("st_proxy.handler")
+SHUTDOWN_CUT = 503  # logged and counted for a request the shutdown cut off; like 499, never sent
 
 
-def _origin_form(request: web.Request) -> bool:
-    """RFC 9112 section 3.2.1: ``/path?query``. Absolute-form, authority-form (CONNECT) and ``*`` are refused."""
-    return request.raw_path.startswith("/") and request.method != "CONNECT"
+def where(exc: BaseException) -> str:
+    """The traceback's frames and the exception's class, without its message or any local variable: a message can
+    quote whatever value the failing code held (a header, a token)."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 class DataHandler:
@@ -44,11 +53,13 @@ class DataHandler:
         tokens: Callable[[], TokenManager],
         sender: Sender,
         metrics: Metrics,
+        in_flight: InFlight | None = None,
     ) -> None:
         self._config = config
         self._tokens = tokens
         self._sender = sender
         self._metrics = metrics
+        self._in_flight = in_flight or InFlight()
 
     @web.middleware
     async def unroutable(self, request: web.Request, handler) -> web.StreamResponse:
@@ -64,43 +75,38 @@ class DataHandler:
         started = time.perf_counter()
         ex = Exchange(hdrs.request_id(request.headers))
         self._metrics.in_flight.inc()
+        self._in_flight.enter()
         try:
             try:
                 response = await self._steps(request, ex)
             except ProxyError as error:
-                ex.error = error.code
-                response = problem_response(error, ex.request_id)
-                if not _origin_form(request):
-                    # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
-                    response.force_close()
-                try:
-                    await response.prepare(request)
-                    await response.write_eof()
-                    ex.bytes = response.content_length or 0
-                except ConnectionResetError:  # the caller left while we were refusing it
-                    ex.error = "caller_disconnected"
+                response = await self._refuse(request, ex, error)
             except CallerGone:
                 ex.error = "caller_disconnected"
                 response = web.Response(status=CALLER_GONE)  # aiohttp drops it quietly on the closed connection
             except asyncio.CancelledError:
-                # A server run with handler_cancellation=True (aiohttp's test server does) cancels the handler when
-                # the caller hangs up; otherwise only a shutdown that ran out of time does.
-                transport = request.transport
-                gone = transport is None or transport.is_closing()
-                ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
+                # The server runs with handler_cancellation=True: the handler is cancelled when the caller hangs up,
+                # and by a shutdown whose timeout ran out, which serve() marks first (http/inflight.py).
+                if self._in_flight.cut_off:
+                    ex.status, ex.error = SHUTDOWN_CUT, "shutdown"
+                else:
+                    transport = request.transport
+                    gone = transport is None or transport.is_closing()
+                    ex.status, ex.error = CALLER_GONE, "caller_disconnected" if gone else "cancelled"
                 raise
+            except Exception as exc:  # a bug: answered as a problem like any other error, never aiohttp's text page
+                response = await self._failed(request, ex, exc)
             ex.status = response.status
             return response
         finally:
+            self._in_flight.leave()
             self._finish(request, ex, time.perf_counter() - started)
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
-        # Only origin-form targets: an absolute-form target or CONNECT could aim the proxy at another host.
-        if not _origin_form(request):
-            raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
+        path = check_target(request)  # the path as sent, decoded; never a normalised one
         # Until routing settles on one tenant the log line and metrics name none: a mismatch names two.
-        tenant_id = resolve_tenant(request.path, request.headers, config.routing)
+        tenant_id = resolve_tenant(path, request.headers, config.routing)
         ex.tenant = tenant_id
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
@@ -114,6 +120,35 @@ class DataHandler:
             self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
         )
         return await relay(request, upstream, tenant, ex, self._sender, head=head)
+
+    async def _refuse(self, request: web.Request, ex: Exchange, error: ProxyError) -> web.StreamResponse:
+        ex.error = error.code
+        response = problem_response(error, ex.request_id)
+        if not origin_form(request):
+            # After CONNECT, aiohttp treats what follows on the connection as tunnel bytes: close it.
+            response.force_close()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+            ex.bytes = response.content_length or 0
+        except ConnectionResetError:  # the caller left while we were refusing it
+            ex.error = "caller_disconnected"
+        return response
+
+    async def _failed(self, request: web.Request, ex: Exchange, exc: Exception) -> web.StreamResponse:
+        """An unexpected exception: logged once with where it happened, answered 500 ``internal_error``."""
+        log.error(
+            "request %s failed inside the proxy (%s)",
+            ex.request_id,
+            type(exc).__name__,
+            extra={"event": "internal_error", "request_id": ex.request_id, "exception": where(exc)},
+        )
+        if ex.answering:  # the status line is already sent: all that is left is to cut the connection
+            ex.error = "internal_error"
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=500)
+        return await self._refuse(request, ex, ProxyError("the proxy failed while handling this request"))
 
     def _finish(self, request: web.Request, ex: Exchange, seconds: float) -> None:
         self._metrics.in_flight.dec()

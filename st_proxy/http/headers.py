@@ -15,6 +15,9 @@ HOP_BY_HOP = frozenset(
 # Credentials the proxy owns: whatever the caller sent is replaced (docs/servicetitan.md, "Calling the API").
 CREDENTIALS = frozenset({"authorization", "st-app-key"})
 REQUEST_ID = "X-Request-ID"
+# The proxy's answers name the product without versions (aiohttp's default, "Python/3.11 aiohttp/3.x", tells an
+# attacker which CVEs to try). RFC 9110 section 10.2.4 allows a product token alone.
+SERVER = "st-proxy"
 _SANE_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 

@@ -30,7 +30,7 @@ def _trace_id(body: bytes) -> str | None:
     """ServiceTitan's ``traceId`` from an error body, for the access log line (support tickets ask for it)."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # any bytes: JSON nested too deep for the decoder raises RecursionError
         return None
     trace = data.get("traceId") if isinstance(data, dict) else None
     return trace if isinstance(trace, str) and len(trace) <= 128 else None
@@ -45,16 +45,15 @@ async def relay(
     head: bytes = b"",
 ) -> web.StreamResponse:
     """Stream ``upstream`` to the caller; ``head`` is what was already read of its body (a 401's first bytes)."""
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=hdrs.downstream_response_headers(upstream.headers, ex.request_id),
-    )
+    headers = hdrs.downstream_response_headers(upstream.headers, ex.request_id)
+    headers.setdefault("Server", hdrs.SERVER)  # the upstream's own is kept; else aiohttp would add its versioned one
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None and upstream.status not in (204, 304) and upstream.status >= 200:
         response.content_length = upstream.content_length
     want_trace = upstream.status >= 400
     try:
         await response.prepare(request)
+        ex.answering = True
         async for chunk in _prefixed(head, upstream.content.iter_chunked(CHUNK)):
             if want_trace and ex.bytes == 0:
                 ex.trace_id = _trace_id(chunk)

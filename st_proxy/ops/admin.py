@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ..config import Config
+from ..http.headers import SERVER
 from ..upstream.tokens import TokenManager, TokenStatus
 from .metrics import Metrics
 
@@ -73,8 +74,13 @@ async def tenants(request: web.Request) -> web.Response:
     return web.json_response({"tenants": result})
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER  # every admin answer is the proxy's own: no versions (http/headers.py)
+
+
 def create_admin_app(runtime: AdminSource) -> web.Application:
     app = web.Application()
+    app.on_response_prepare.append(_server_header)
     app[SOURCE] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -106,6 +106,7 @@ def create_app(
         tokens=lambda: _require(runtime.tokens),
         sender=Sender(session=lambda: _require(runtime.api_session), metrics=runtime.metrics, egress=egress),
         metrics=runtime.metrics,
+        in_flight=runtime.in_flight,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).

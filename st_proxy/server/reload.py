@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import yaml
 from ..config import Config, ConfigError
 from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch
+from ..config.load import file_refs
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 
@@ -47,29 +48,14 @@ class ConfigHolder:
 
 
 def referenced_files(config_path: Path) -> list[Path]:
-    """Every ``{file: ...}`` path the YAML names, found without validating it.
-
-    A config that fails to load still tells which secret files to watch: in Kubernetes the ConfigMap naming a new
-    tenant's secret file often lands before the Secret that holds it, and the reload must be retried when it appears.
-    """
+    """Every ``{file: ...}`` path the YAML names, found without validating it (a lenient parse: a config that fails
+    to load still tells which secret files to watch). The reloader itself gets them from the one parse of each
+    reload (``ConfigError.files``)."""
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
-    base = config_path.absolute().parent  # relative paths are read from the config file's directory (config.py)
-    return [base / p for p in _file_refs(raw)]
-
-
-def _file_refs(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        if len(node) == 1 and isinstance(node.get("file"), str):
-            yield node["file"]
-            return
-        for value in node.values():
-            yield from _file_refs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _file_refs(value)
+    return file_refs(raw, config_path)
 
 
 def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -111,6 +97,9 @@ class Reloader:
         self._tasks: set[asyncio.Task[object]] = set()
         self._poller: asyncio.Task[None] | None = None
         self._signals = False
+        # Named by the last config that failed to load: in Kubernetes the ConfigMap naming a new tenant's secret file
+        # often lands before the Secret that holds it, and the reload must be retried when it appears.
+        self._failed_refs: tuple[Path, ...] = ()
         if load is not None:
             self._watch.watch(self._candidate_paths())
 
@@ -177,8 +166,13 @@ class Reloader:
             # Snapshots before the read: a change made while loading shows up at the next look instead of being lost.
             self._watch.watch(self._candidate_paths())
             try:
-                new = self._load()
+                # Off the loop: reading, parsing and validating thousands of tenants must not stall the requests.
+                new = await asyncio.to_thread(self._load)
             except ConfigError as exc:
+                self._failed_refs = exc.files
+                missing = [p for p in exc.files if p not in self._watch.paths]
+                if missing:
+                    self._watch.watch([*self._watch.paths, *missing])
                 return self._failed(trigger, exc.problems)
             except Exception as exc:  # a bug must not take the running config down with it
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
@@ -187,6 +181,7 @@ class Reloader:
                 commits = [prepare(new) for prepare in self._preparers]
             except ConfigError as exc:
                 return self._failed(trigger, exc.problems)
+            self._failed_refs = ()
             files = (*new.secret_files, *tls_sections.watched_files(new))
             missing = [p for p in files if p not in self._watch.paths]
             if missing:
@@ -199,9 +194,9 @@ class Reloader:
         paths: list[Path] = []
         if current.source is not None:
             paths.append(current.source)
-            paths.extend(referenced_files(current.source))
         paths.extend(current.secret_files)
         paths.extend(tls_sections.watched_files(current))
+        paths.extend(self._failed_refs)
         return paths
 
     def _failed(self, trigger: str, problems: list[str]) -> bool:

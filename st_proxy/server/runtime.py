@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from ..config import Config
+from ..http.inflight import InFlight
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 from .reload import ConfigHolder
@@ -25,6 +26,7 @@ class Runtime:
     token_session: aiohttp.ClientSession | None = None
     draining: bool = False
     started: bool = False  # every configured tenant's first token attempt has finished once
+    in_flight: InFlight = field(default_factory=InFlight)  # data-port requests being handled, for the shutdown
 
     @property
     def config(self) -> Config:

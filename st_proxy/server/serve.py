@@ -55,7 +55,11 @@ async def start_site(
     shutdown_timeout: float = 60.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, Address]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    # handler_cancellation: a caller that hangs up cancels its handler, and with it the upstream exchange, which would
+    # otherwise run on for up to read_timeout holding a pooled connection (aiohttp's default is False since 3.8.1).
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port, reuse_address=True, ssl_context=ssl_context)
     try:
@@ -68,6 +72,9 @@ async def start_site(
 
 
 ADMIN_SHUTDOWN_SECONDS = 1.0  # admin answers are small; a stuck scrape must not hold the exit
+# serve() itself waits shutdown.timeout_seconds for in-flight requests (http/inflight.py); aiohttp's cleanup then only
+# cancels what is left. Not 0: aiohttp reads a 0 timeout as "wait forever" (helpers.ceil_timeout).
+CUT_OFF_SECONDS = 0.001
 
 
 async def serve(
@@ -82,10 +89,10 @@ async def serve(
 
     Shutdown, on SIGTERM: /readyz answers 503 at once so load balancers and Kubernetes endpoints stop sending new
     work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).
-    Then the listener closes (new connections are refused) and aiohttp's ``AppRunner.cleanup`` closes idle
-    keep-alive connections and waits up to ``shutdown.timeout_seconds`` for every in-flight request, streams
-    included, before cancelling what is left (aiohttp 3.14 ``web_runner.BaseRunner.cleanup`` ->
-    ``web_protocol.RequestHandler.shutdown``). The admin port stays up to the end, so probes see the 503.
+    Then the listener closes (new connections are refused), idle keep-alive connections are closed, and serve waits
+    up to ``shutdown.timeout_seconds`` for every in-flight request, streams included (``http/inflight.py``). What is
+    left is cut by aiohttp's ``AppRunner.cleanup`` and logged as status 503, error ``shutdown``, not as a caller that
+    hung up (499). The admin port stays up to the end, so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
     from ..tls.serving import TLSListeners
@@ -107,7 +114,7 @@ async def serve(
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
     data_runner, data_addr = await start_site(
-        app, config.listen, shutdown_timeout=shutdown.timeout_seconds, ssl_context=listeners.ssl_context
+        app, config.listen, shutdown_timeout=CUT_OFF_SECONDS, ssl_context=listeners.ssl_context
     )
     try:
         admin_runner, admin_addr = await start_site(
@@ -173,12 +180,22 @@ async def serve(
                 "timeout_seconds": shutdown.timeout_seconds,
             },
         )
+        if data_runner.server:
+            data_runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their request
+        await runtime.in_flight.wait_idle(shutdown.timeout_seconds)
     finally:
         announce.cancel()
         runtime.draining = True
         await reloader.close()
         await listeners.stop_listening()
-        await data_runner.cleanup()  # waits up to shutdown.timeout_seconds for in-flight requests, tunnelled ones too
+        if runtime.in_flight.count:
+            log.warning(
+                "shutdown timeout: cutting %d requests still in flight",
+                runtime.in_flight.count,
+                extra={"event": "shutdown_cut", "requests": runtime.in_flight.count},
+            )
+        runtime.in_flight.cut_off = True  # from here a cancelled request was cut by us, not left by its caller
+        await data_runner.cleanup()  # cancels what is still running, tunnelled requests included
         await listeners.close()
         await admin_runner.cleanup()
         log.info("stopped", extra={"event": "stopped"})

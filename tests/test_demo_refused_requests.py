@@ -1,0 +1,52 @@
+"""`st-proxy demo` logs a request aiohttp's parser refused as one line in the proxy's format, like `serve` does: no
+traceback, and none of the request's bytes (a malformed header line could hold a credential)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+
+from test_demo import EXCHANGE, printed_lines, st_proxy
+from wire import exchange
+
+MARKER = "cs1.SECRET-IN-A-BROKEN-HEADER"
+
+
+async def test_a_malformed_request_to_the_demo_is_one_log_line_without_its_bytes():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("ST_PROXY_CONFIG", None)
+    proc = await asyncio.create_subprocess_exec(
+        *st_proxy(),
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        printed = "\n".join(await printed_lines(proc))
+        proxy = re.search(r"proxy at (http://\S+),", printed)
+        assert proxy, printed
+        # A header line without a colon: aiohttp's parser refuses it before the proxy sees a request.
+        status, _, _ = await exchange(
+            proxy.group(1), f"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization Bearer {MARKER}\r\n\r\n".encode()
+        )
+        assert status == 400
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(EXCHANGE):
+            stdout, stderr = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+    output = stdout.decode() + stderr.decode()
+    assert proc.returncode == 0, output[-2000:]
+    assert "refused a malformed request" in output, output[-2000:]
+    assert "BadHttpMessage" in output or "InvalidHeader" in output or "LineTooLong" in output, output[-2000:]
+    assert "Traceback" not in output
+    assert MARKER not in output
