@@ -1,4 +1,4 @@
-"""The request target: which ones the proxy forwards at all (docs/behaviour-notes.md, "Request targets").
+"""The request target: which ones the proxy forwards at all (docs/forwarding.md, "The request target").
 
 The path is forwarded exactly as received, and anything behind the proxy (ServiceTitan, a load balancer, a WAF) may
 normalise it: RFC 3986 section 5.2.4 removes ``.`` and ``..`` segments, many servers decode ``%2e`` first and merge
