@@ -5,6 +5,7 @@ host, it serves the tunnel itself and forwards to the simulator that the product
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import ssl
@@ -288,3 +289,79 @@ async def test_tunnel_host_tells_a_tunnelled_request_from_a_direct_one(simulator
     finally:
         await runner.cleanup()
     assert seen == ["api.servicetitan.io", None]
+
+
+async def tunnel_proxy(stack: Stack, **timeouts) -> ForwardProxy:
+    """A second listener on the same data runner and CA, with short timeouts for the tests that wait for one."""
+    proxy = ForwardProxy(
+        stack.proxy._settings,
+        config=stack.proxy._config,
+        server=stack.proxy._server,
+        leaves=stack.proxy.leaves,
+        **timeouts,
+    )
+    await proxy.start()
+    return proxy
+
+
+async def test_a_client_that_sends_no_head_in_time_gets_408(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca))
+    proxy = await tunnel_proxy(stack, head_timeout=0.2)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address.port)
+        writer.write(b"CONNECT api.servicetitan.io:443 HTTP/1.1\r\n")  # and nothing more
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        writer.close()
+    finally:
+        await proxy.close()
+
+
+async def test_a_tunnel_relays_large_bodies_both_ways_and_half_closes(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
+    payload = random.Random(1).randbytes(3 * 1024 * 1024)
+
+    async def echo_then_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = await reader.read()  # until the client's half-close
+        writer.write(hashlib.sha256(received).hexdigest().encode() + b"\n" + payload)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo_then_bye, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        head, reader, writer = await raw_connect(stack, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+        digest = await reader.readline()
+        back = await reader.read()
+        assert digest.strip().decode() == hashlib.sha256(payload).hexdigest()
+        assert back == payload
+        writer.close()
+    finally:
+        server.close()
+
+
+async def test_an_idle_tunnel_is_closed(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
+    proxy = await tunnel_proxy(stack, tunnel_idle_timeout=0.3)
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        closed.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address.port)
+        writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the proxy closed it: no bytes for 0.3 s
+        await asyncio.wait_for(closed.wait(), 10)  # and the far side too
+        writer.close()
+    finally:
+        server.close()
+        await proxy.close()

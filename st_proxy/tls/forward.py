@@ -36,7 +36,7 @@ from ..config.file_watch import snapshot
 from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
 from .certs import CertError, LocalCA
 from .leaves import LeafCache
-from .tunnel import TunnelFailed, relay
+from .tunnel import IDLE_TIMEOUT_SECONDS, TunnelFailed, relay
 
 log = logging.getLogger("st_proxy.forward_proxy")
 
@@ -122,8 +122,12 @@ class ForwardProxy:
         config: Callable[[], Config],
         server: Callable[[], asyncio.Protocol],
         leaves: LeafCache | None = None,
+        head_timeout: float = HEAD_TIMEOUT_SECONDS,
+        tunnel_idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         self._settings = settings
+        self.head_timeout = head_timeout
+        self._tunnel_idle_timeout = tunnel_idle_timeout
         self._config = config
         self._server = server
         self._ca_state = _ca_state(settings)
@@ -241,7 +245,14 @@ class ForwardProxy:
     async def _tunnel(self, transport: asyncio.Transport, host: str, port: int, rest: bytes, started: float) -> None:
         target = f"{host}:{port}"
         try:
-            await relay(transport, host, port, rest, on_open=lambda: self._pending.discard(transport))
+            await relay(
+                transport,
+                host,
+                port,
+                rest,
+                on_open=lambda: self._pending.discard(transport),
+                idle_timeout=self._tunnel_idle_timeout,
+            )
         except TunnelFailed as failed:
             self._refuse(transport, _Refused(failed.status, failed.reason, failed.code, failed.detail), target, started)
             return
@@ -281,7 +292,7 @@ class _ConnectHead(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._proxy._pending.add(transport)
-        self._timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT_SECONDS, self._too_slow)
+        self._timer = asyncio.get_running_loop().call_later(self._proxy.head_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
         if self._transport is not None:
