@@ -351,6 +351,7 @@ async def test_an_idle_tunnel_is_closed(simulator, forward_stack, ca):
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
+        writer.close()
         closed.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
@@ -365,3 +366,27 @@ async def test_an_idle_tunnel_is_closed(simulator, forward_stack, ca):
     finally:
         server.close()
         await proxy.close()
+
+
+async def test_closing_the_forward_proxy_closes_its_open_tunnels(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
+    proxy = await tunnel_proxy(stack)
+    far_side_closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+        far_side_closed.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address.port)
+        writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        await proxy.close()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await asyncio.wait_for(far_side_closed.wait(), 10)
+        writer.close()
+    finally:
+        server.close()

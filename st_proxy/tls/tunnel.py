@@ -128,4 +128,7 @@ async def relay(
     if early:
         upstream.write(early)
     client.resume_reading()
-    await tunnel.done
+    try:
+        await tunnel.done
+    finally:
+        tunnel.close()  # also when the proxy stops and cancels this task: both connections close with it
