@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         tls = config(
             "tls", tls={"cert_file": str(base / "server" / "tls.crt"), "key_file": str(base / "server" / "tls.key")}
         )
+        handshakes = asyncio.run(_handshake_cpu(base, rounds=7, per_round=100))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
             env.pop(key, None)
@@ -214,7 +215,49 @@ def run(args: argparse.Namespace) -> int:
             f"{conn:15} {name:16} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['cpu_us']:11.0f} us "
             f"{int(r['failures']):7d}"
         )
+    print("\nCPU per TLS handshake, client and server together (median of 7 interleaved rounds of 100):")
+    for name, micros in handshakes.items():
+        print(f"  {name:16} {micros:6.0f} us")
     return 1 if failed else 0
+
+
+async def _handshake_cpu(base: Path, rounds: int, per_round: int) -> dict[str, float]:
+    """CPU time per TLS handshake (client and server in this process, so both sides count) against a plain server
+    context, the data port's listener context with its SNI callback, and that callback swapping in a renewed
+    context, interleaved round by round; the medians."""
+    from st_proxy.config.tls import TLSConfig
+    from st_proxy.tls.server_context import ServerTLS, build
+
+    tls = TLSConfig(base / "server" / "tls.crt", base / "server" / "tls.key")
+    client = ssl.create_default_context(cafile=str(base / "ca" / "ca.crt"))
+    renewed = ServerTLS(tls)
+    renewed.current = build(tls)
+    contexts = {
+        "plain context": build(tls),
+        "SNI callback": ServerTLS(tls).listener,
+        "callback + swap": renewed.listener,
+    }
+
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    servers = {name: await asyncio.start_server(close, "127.0.0.1", 0, ssl=ctx) for name, ctx in contexts.items()}
+    samples: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for _ in range(rounds):
+            for name, server in servers.items():
+                port = server.sockets[0].getsockname()[1]
+                began = time.process_time()
+                for _ in range(per_round):
+                    _, writer = await asyncio.open_connection(
+                        "127.0.0.1", port, ssl=client, server_hostname="localhost"
+                    )
+                    writer.close()
+                samples[name].append((time.process_time() - began) / per_round * 1e6)
+    finally:
+        for server in servers.values():
+            server.close()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _warmup(args: argparse.Namespace) -> argparse.Namespace:
