@@ -4,7 +4,10 @@ Runs three real processes on loopback: `st-proxy simulate`, `st-proxy serve` in 
 requests per second and latency percentiles through the proxy, and the same request sent straight to the simulator
 (with a token fetched once by hand) as the baseline. Everything is bounded: each wrk run lasts --seconds.
 
-    .venv/bin/python bench/throughput.py [--seconds 10] [--connections 50] [--log-level info]
+    .venv/bin/python bench/throughput.py [--seconds 10] [--connections 50] [--log-level info] [--clients]
+
+--clients adds a client (docs/security.md) and measures the proxy again with callers authenticating by Basic and by
+a local token from POST /connect/token, next to the unauthenticated run.
 
 Not run by CI. The machine's two cores are shared by all three processes, so the absolute numbers are a floor.
 """
@@ -12,6 +15,7 @@ Not run by CI. The machine's two cores are shared by all three processes, so the
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -29,6 +33,7 @@ from pathlib import Path
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
 
 BIN = Path(sys.executable).with_name("st-proxy")
+BENCH_SECRET = "bench-client-secret-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -68,6 +73,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--clients", action="store_true", help="also measure Basic and local-token callers")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -97,6 +103,11 @@ def main() -> None:
                         }
                         for t in DEMO_TENANTS
                     },
+                    **(
+                        {"clients": {"bench": {"secret": {"value": BENCH_SECRET}, "tenants": ["*"]}}}
+                        if args.clients
+                        else {}
+                    ),
                 }
             )
         )
@@ -128,7 +139,22 @@ def main() -> None:
                 args.connections,
                 {"Authorization": f"Bearer {token}", "ST-App-Key": DEMO_APP_KEY},
             )
-            proxied = wrk(f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {})
+            runs = {"direct": direct}
+            if args.clients:
+                basic = "Basic " + base64.b64encode(f"bench:{BENCH_SECRET}".encode()).decode()
+                runs["proxied-basic"] = wrk(
+                    f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {"Authorization": basic}
+                )
+                local = urllib.parse.urlencode(
+                    {"grant_type": "client_credentials", "client_id": "bench", "client_secret": BENCH_SECRET}
+                ).encode()
+                with urllib.request.urlopen(f"http://127.0.0.1:{data_port}/connect/token", data=local) as resp:
+                    bearer = "Bearer " + json.load(resp)["access_token"]
+                runs["proxied-token"] = wrk(
+                    f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {"Authorization": bearer}
+                )
+            else:
+                runs["proxied"] = wrk(f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {})
             with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/_sim/stats") as resp:
                 stats = json.load(resp)
         finally:
@@ -139,9 +165,9 @@ def main() -> None:
         f"wrk -t2 -c{args.connections} -d{args.seconds}s, GET {path}, proxy log level {args.log_level}, "
         f"{os.cpu_count()} cores shared by wrk, proxy and simulator"
     )
-    print(f"{'':10} {'req/s':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'requests':>9} {'non-2xx':>8}")
-    for name, r in (("direct", direct), ("proxied", proxied)):
-        print(f"{name:10} {r['rps']:>9} {r['p50']:>9} {r['p90']:>9} {r['p99']:>9} {r['requests']:>9} {r['non_2xx']:>8}")
+    print(f"{'':14} {'req/s':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'requests':>9} {'non-2xx':>8}")
+    for name, r in runs.items():
+        print(f"{name:14} {r['rps']:>9} {r['p50']:>9} {r['p90']:>9} {r['p99']:>9} {r['requests']:>9} {r['non_2xx']:>8}")
     print(f"token requests at the simulator during the run: {stats['token_requests']} (1 by hand + prewarm)")
 
 

@@ -24,6 +24,7 @@ from .config import (
     parse_address,
 )
 from .config import tls as tls_sections
+from .inbound.summary import security_summary
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
 
@@ -149,7 +150,7 @@ def summary(config: Config) -> list[str]:
             f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
     lines.extend(tls_sections.summary_lines(config))
-    return lines
+    return lines + security_summary(config)
 
 
 async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.Event) -> int:

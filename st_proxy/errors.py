@@ -4,6 +4,8 @@
                                    internal_error, the answer to a bug (an unexpected exception, http/handler.py)
     ├── RequestError               the request itself is wrong: 400 invalid_request, tenant_required, tenant_mismatch,
     │                              403 unknown_tenant, 413 body_too_large
+    ├── CallerError                who is calling, and may it: 401 client_unauthorized, 429 client_throttled,
+    │                              403 tenant_forbidden, 403 header_required (docs/security.md)
     ├── TokenError                 the tenant's token cannot be had: 502 token_rejected, 503 token_unavailable
     └── UpstreamError              ServiceTitan cannot be reached: 502 upstream_unreachable, 504 upstream_timeout
 
@@ -19,6 +21,7 @@ class ProxyError(Exception):
     status = 500
     code = "internal_error"
     title = "Internal proxy error"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read only: extra response headers of this kind of error
 
     def __init__(self, detail: str, *, tenant: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -53,6 +56,36 @@ class BodyTooLarge(RequestError):
     status = 413
     code = "body_too_large"
     title = "Request body too large"
+
+
+class CallerError(ProxyError):
+    pass
+
+
+class ClientUnauthorized(CallerError):
+    status = 401
+    code = "client_unauthorized"
+    title = "Client credentials missing or wrong"
+    # RFC 9110 section 11.6.1: a 401 names the scheme it wants; Basic is accepted too (docs/security.md).
+    headers = {"WWW-Authenticate": 'Bearer realm="st-proxy"'}  # noqa: RUF012
+
+
+class ClientThrottled(CallerError):
+    status = 429
+    code = "client_throttled"
+    title = "Too many wrong secrets for this client"
+
+
+class TenantForbidden(CallerError):
+    status = 403
+    code = "tenant_forbidden"
+    title = "Tenant not allowed for this client"
+
+
+class HeaderRequired(CallerError):
+    status = 403
+    code = "header_required"
+    title = "Required request header missing"
 
 
 class TokenError(ProxyError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import random
@@ -22,6 +23,11 @@ from st_proxy.server.app import create_admin_app, create_app
 from st_proxy.server.runtime import RUNTIME, Runtime
 
 T1, T2 = DEMO_TENANTS[0], DEMO_TENANTS[1]
+
+
+def basic_auth(name: str, secret: str) -> dict[str, str]:
+    """``Authorization: Basic base64(name:secret)`` (RFC 7617), raw; aiohttp's BasicAuth helper is deprecated."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()}
 
 
 class FakeClock:

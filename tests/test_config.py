@@ -126,6 +126,7 @@ def test_every_key_of_the_design_is_read_when_set(tmp_path):
           scope: "tn.crm.customers:r"
         upstream: {{connect_timeout_seconds: 1, read_timeout_seconds: 900, max_connections: 7, ca_file: {ca}}}
         shutdown: {{drain_seconds: 0, timeout_seconds: 12}}
+        security: {{allow_unauthenticated: true}}
     """,
     )
     assert (config.listen, config.admin_listen) == (Address("0.0.0.0", 18080), Address("::1", 19090))
@@ -412,7 +413,8 @@ def test_a_default_tenant_whose_own_entry_is_broken_gets_no_second_problem(tmp_p
     ],
 )
 def test_listen_accepts_host_port_bracketed_ipv6_and_bare_port(tmp_path, listen, expected):
-    assert load(tmp_path, MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\n").listen == expected
+    text = MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\nsecurity: {{allow_unauthenticated: true}}\n"
+    assert load(tmp_path, text).listen == expected
 
 
 @pytest.mark.parametrize(
@@ -434,7 +436,7 @@ def test_listen_refuses_anything_else(tmp_path, listen):
 )
 def test_the_admin_port_may_never_be_the_data_port(tmp_path, listen, admin):
     text = MINIMAL + f"listen: {listen}\n" + (f"admin_listen: {admin}\n" if admin else "")
-    (found,) = problems(tmp_path, text)
+    (found,) = problems(tmp_path, text + "security: {allow_unauthenticated: true}\n")
     assert found.startswith("admin_listen: ") and "clashes with listen" in found
 
 
@@ -490,7 +492,7 @@ def test_empty_sections_mean_all_defaults(tmp_path):
     ("extra", "path"),
     [
         ("limits: {}", "limits"),  # a later feature's section is unknown until it exists
-        ("clients: []", "clients"),
+        ("security: {open: true}", "security.open"),
         ("tokens: {refresh_ahead: 60}", "tokens.refresh_ahead"),
         ("upstream: {timeout: 5}", "upstream.timeout"),
         ("shutdown: {drain: 5}", "shutdown.drain"),
@@ -664,6 +666,7 @@ def test_no_file_mode_takes_the_environment_name_and_listen_addresses():
             "ST_ENVIRONMENT": "integration",
             "ST_PROXY_LISTEN": ":8000",
             "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:8001",
+            "ST_PROXY_ALLOW_UNAUTHENTICATED": "true",
         }
     )
     assert config.tenants["1234567"].environment.api_url == "https://api-integration.servicetitan.io"
@@ -817,5 +820,7 @@ def test_the_multi_tenant_example_spans_two_environments_with_file_secrets_and_a
     ],
 )
 def test_a_data_port_beyond_loopback_is_warned_about(tmp_path, listen, warned):
-    config = load(tmp_path, MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\n")
+    # Without clients a non-loopback port is refused unless allowed (tests/test_clients_config.py); allowed, it warns.
+    text = MINIMAL + f"listen: {listen}\nadmin_listen: 127.0.0.1:19999\nsecurity: {{allow_unauthenticated: true}}\n"
+    config = load(tmp_path, text)
     assert [w.startswith("listen: ") for w in config.warnings] == ([True] if warned else [])

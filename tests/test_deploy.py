@@ -21,7 +21,7 @@ import aiohttp
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import T1
+from conftest import T1, basic_auth
 from serve_process import ServeProcess, poll_until
 
 from st_proxy.config import from_mapping, load_file
@@ -186,6 +186,9 @@ async def installed(tmp_path_factory) -> Path:
     return target
 
 
+IMAGE_CLIENT_SECRET = "image-test-client-secret-0c1d2e3f4a5b"
+
+
 async def test_the_installed_image_checks_its_config_serves_through_the_simulator_and_stops_cleanly_on_sigterm(
     installed, make_simulator, tmp_path
 ):
@@ -197,7 +200,8 @@ async def test_the_installed_image_checks_its_config_serves_through_the_simulato
     raw = with_files_in(raw, lambda p: tmp_path / p.lstrip("/"))
     for ref in file_refs(raw):
         Path(ref).parent.mkdir(parents=True, exist_ok=True)
-        Path(ref).write_text((DEMO_APP_KEY if ref.endswith("app_key") else tenant.client_secret) + "\n")
+        value = DEMO_APP_KEY if ref.endswith("app_key") else tenant.client_secret
+        Path(ref).write_text((IMAGE_CLIENT_SECRET if "/client." in ref else value) + "\n")
     raw.update(listen="127.0.0.1:0", admin_listen="127.0.0.1:0", shutdown={"drain_seconds": 0.2})
     raw["environments"] = {"production": {"auth_url": sim.auth_url, "api_url": sim.base_url}}
     config = tmp_path / "config.yaml"
@@ -233,7 +237,10 @@ async def test_the_installed_image_checks_its_config_serves_through_the_simulato
                     return resp.status == 200
 
             await poll_until(ready, what="readiness")
-            async with session.get(f"{child.url}/crm/v2/tenant/{tenant.tenant_id}/customers?pageSize=2") as resp:
+            url = f"{child.url}/crm/v2/tenant/{tenant.tenant_id}/customers?pageSize=2"
+            async with session.get(url) as resp:
+                assert resp.status == 401  # the image's config has a client: callers authenticate
+            async with session.get(url, headers=basic_auth("app", IMAGE_CLIENT_SECRET)) as resp:
                 assert resp.status == 200
                 assert len((await resp.json())["data"]) == 2
         child.send(signal.SIGTERM)
@@ -291,7 +298,7 @@ def _check_config_with_secret_files(raw: dict, tmp_path: Path) -> None:
     raw = with_files_in(raw, lambda p: tmp_path / p.lstrip("/"))
     for ref in file_refs(raw):
         Path(ref).parent.mkdir(parents=True, exist_ok=True)
-        Path(ref).write_text("placeholder-value\n")
+        Path(ref).write_text("placeholder-value-as-long-as-a-real-client-secret\n")
     config = from_mapping(raw, {})
     assert config.tenants
     # The only warning allowed is the one about a data port beyond loopback, which these configs need and explain.
@@ -427,10 +434,22 @@ async def test_the_compose_demo_credentials_work_against_the_bundled_simulator(s
     raw = with_files_in(yaml.safe_load(host_config.read_text()), lambda p: host_path(p, proxy["volumes"]))
     raw["environments"] = {"simulator": {"auth_url": simulator.auth_url, "api_url": simulator.base_url}}
     running = await start_proxy(from_mapping(raw, {}))
+    app = services_client(compose()["services"])
     for tenant in DEMO_TENANTS:
-        async with running.session.get(f"{running.url}/crm/v2/tenant/{tenant.tenant_id}/customers") as resp:
+        async with running.session.get(
+            f"{running.url}/crm/v2/tenant/{tenant.tenant_id}/customers", headers=app
+        ) as resp:
             assert resp.status == 200
     assert simulator.token_requests_by_client[T1.client_id] == 1
+
+
+def services_client(services: dict) -> dict[str, str]:
+    """The client name and secret the legacy app sends, from its environment and its compose secret's file."""
+    app = services["legacy-app"]
+    [secret] = app["secrets"]
+    secret_file = COMPOSE / compose()["secrets"][secret]["file"]
+    assert f"/run/secrets/{secret}" in " ".join(app["command"])
+    return basic_auth(app["environment"]["ST_PROXY_CLIENT"], secret_file.read_text().strip())
 
 
 def test_the_compose_config_loads_from_disk_with_its_mounted_secret_files(tmp_path):

@@ -80,9 +80,22 @@ def test_the_alert_rules_pass_their_promtool_unit_tests():
     assert "SUCCESS" in result.stdout
 
 
-def test_promtool_accepts_the_example_scrape_config():
-    result = promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+def test_promtool_accepts_the_example_scrape_config(tmp_path):
+    # promtool checks that the admin token file the example names exists: give it one, beside copies of the files.
+    for name in ("prometheus.yml", "alerts.yaml"):
+        shutil.copy(PROMETHEUS_DIR / name, tmp_path / name)
+    [job] = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"  # sends security.admin_token
+    (tmp_path / job["authorization"]["credentials_file"]).write_text("an-admin-token\n")
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_example_pod_monitor_sends_the_admin_token_from_a_secret():
+    monitor = yaml.safe_load((PROMETHEUS_DIR / "podmonitor.yaml").read_text())
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert set(endpoint["authorization"]["credentials"]) == {"name", "key"}
 
 
 def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_check():
@@ -96,6 +109,7 @@ def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_c
         "STProxyRequestsWithoutConfiguredTenant",
         "STProxyDown",
         "STProxyConfigReloadFailing",
+        "STProxyClientAuthFailures",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
@@ -152,6 +166,8 @@ def test_the_dashboard_has_the_panels_an_operator_needs():
         "in-flight requests": r"st_proxy_in_flight_requests",
         "upstream errors by kind": r"sum by \(kind\) \(rate\(st_proxy_upstream_errors_total",
         "429s": r'st_proxy_requests_total\{[^}]*code="429"',
+        "client authentication by result": r"sum by \(client, result\) \(increase\(st_proxy_client_auth_total",
+        "local tokens issued": r"sum by \(client\) \(increase\(st_proxy_local_tokens_issued_total",
     }
     missing = [what for what, pattern in needed.items() if not re.search(pattern, exprs)]
     assert not missing

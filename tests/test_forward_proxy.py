@@ -37,7 +37,9 @@ ST_HOSTS = [
 ]
 
 
-def production_at(sim: Simulator, ca: Path, environments: dict | None = None, **overrides) -> Config:
+def production_at(
+    sim: Simulator, ca: Path, environments: dict | None = None, top: dict | None = None, **overrides
+) -> Config:
     """A tenant in the *production* environment, whose URLs point at the simulator, and the forward proxy."""
     raw = {
         "app_key": {"value": DEMO_APP_KEY},
@@ -49,6 +51,7 @@ def production_at(sim: Simulator, ca: Path, environments: dict | None = None, **
             "ca_key_file": str(ca / "ca.key"),
             **overrides,
         },
+        **(top or {}),
     }
     return from_mapping(raw, {})
 
@@ -390,3 +393,38 @@ async def test_closing_the_forward_proxy_closes_its_open_tunnels(simulator, forw
         writer.close()
     finally:
         server.close()
+
+
+async def test_inside_a_tunnel_the_connect_stands_for_the_required_header(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, top={"security": {"require_header": "X-ST-Proxy"}}))
+    path = f"/crm/v2/tenant/{T1.tenant_id}/customers"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(stack.data_url + path) as direct:
+            assert (direct.status, direct.headers.get("X-ST-Proxy-Error")) == (403, "header_required")
+        async with session.get(
+            "https://api.servicetitan.io" + path, proxy=stack.proxy_url, ssl=client_context(ca / "ca.crt")
+        ) as tunnelled:
+            assert tunnelled.status == 200
+
+
+async def test_clients_authenticate_inside_the_tunnel_like_on_the_data_port(simulator, forward_stack, ca):
+    clients = {"billing-sync": {"secret": {"value": "a-local-client-secret-of-32-chars!"}, "tenants": [T1.tenant_id]}}
+    stack = await forward_stack(production_at(simulator, ca, top={"clients": clients}))
+    url = f"https://api.servicetitan.io/crm/v2/tenant/{T1.tenant_id}/customers"
+    trust = client_context(ca / "ca.crt")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, proxy=stack.proxy_url, ssl=trust) as anonymous:
+            assert (anonymous.status, anonymous.headers.get("X-ST-Proxy-Error")) == (401, "client_unauthorized")
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": "billing-sync",
+            "client_secret": clients["billing-sync"]["secret"]["value"],
+        }
+        async with session.post(
+            "https://auth.servicetitan.io/connect/token", data=form, proxy=stack.proxy_url, ssl=trust
+        ) as issued:
+            assert issued.status == 200
+            token = (await issued.json())["access_token"]
+        async with session.get(url, proxy=stack.proxy_url, ssl=trust, headers={"Authorization": token}) as resp:
+            assert resp.status == 200  # the bare local token, as ServiceTitan's own examples send it
+    assert simulator.api_requests == 1

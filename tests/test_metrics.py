@@ -36,6 +36,8 @@ DESIGN = {
     "st_proxy_in_flight_requests": ("gauge", set()),
     "st_proxy_config_reloads": ("counter", {"result"}),
     "st_proxy_build_info": ("gauge", {"version"}),
+    "st_proxy_client_auth": ("counter", {"client", "result"}),
+    "st_proxy_local_tokens_issued": ("counter", {"client"}),
 }
 
 

@@ -80,12 +80,13 @@ async def prometheus(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[
     started: list[Prometheus] = []
     session = aiohttp.ClientSession()
 
-    async def start(target: str) -> Prometheus:
-        """Prometheus scraping ``target`` (host:port of the admin port) every second, with our alert rules."""
+    async def start(target: str, **job: Any) -> Prometheus:
+        """Prometheus scraping ``target`` (host:port of the admin port) every second, with our alert rules.
+        ``job``: more settings of the scrape job (``authorization``)."""
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "st-proxy", "static_configs": [{"targets": [target]}]}],
+            "scrape_configs": [{"job_name": "st-proxy", "static_configs": [{"targets": [target]}], **job}],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = _free_port()

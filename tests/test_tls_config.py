@@ -91,8 +91,9 @@ def test_tls_problems_are_named_by_their_path(pki, section, expected):
         (
             {"listen": "0.0.0.0:8443", "ca_cert_file": "{p}/ca/ca.crt", "ca_key_file": "{p}/ca/ca.key"},
             [
-                "forward_proxy.listen: 0.0.0.0:8443 is reachable from beyond this host; the forward-proxy listener "
-                "must be loopback (127.0.0.1, ::1): only the app next to the proxy may use it"
+                "forward_proxy.listen: 0.0.0.0:8443 is reachable from beyond this host, but no clients are "
+                "configured: anything that could connect would act with every tenant's credentials. Add clients "
+                "(docs/security.md), listen on 127.0.0.1, or set security.allow_unauthenticated: true"
             ],
         ),
         (
@@ -195,3 +196,34 @@ def test_check_config_names_the_tls_files_and_the_forward_proxy(pki, capsys):
     assert f"tls: data port certificate {pki}/server/tls.crt, key {pki}/server/tls.key, client certificates from" in out
     assert f"forward_proxy: 127.0.0.1:8443, CA {pki}/ca/ca.crt, other hosts: refuse" in out
     assert "PRIVATE KEY" not in out and "BEGIN" not in out
+
+
+CLIENTS = {"billing-sync": {"secret": {"value": "a-local-client-secret-of-32-chars!"}, "tenants": ["*"]}}
+
+
+def test_client_certificates_count_as_caller_authentication_on_a_non_loopback_data_port(pki):
+    files = {"cert_file": str(pki / "server/tls.crt"), "key_file": str(pki / "server/tls.key")}
+    with pytest.raises(ConfigError) as caught:
+        sim_config(listen="0.0.0.0:8080", tls=files)  # TLS alone authenticates no one
+    assert caught.value.problems[0].startswith(
+        "listen: 0.0.0.0:8080 is reachable from beyond this host, but no clients"
+    )
+    config = sim_config(listen="0.0.0.0:8080", tls={**files, "client_ca_file": str(pki / "ca/ca.crt")})
+    assert config.tls is not None and config.tls.authenticates_callers
+    assert not any("listen" in w for w in config.warnings)
+
+
+def test_clients_on_a_non_loopback_port_warn_about_clear_text_only_without_tls(pki):
+    files = {"cert_file": str(pki / "server/tls.crt"), "key_file": str(pki / "server/tls.key")}
+    clear = sim_config(listen="0.0.0.0:8080", clients=CLIENTS)
+    assert any("without TLS" in w for w in clear.warnings)
+    encrypted = sim_config(listen="0.0.0.0:8080", clients=CLIENTS, tls=files)
+    assert not any("without TLS" in w for w in encrypted.warnings)
+
+
+def test_a_non_loopback_forward_proxy_needs_clients(pki):
+    fp = {"listen": "0.0.0.0:8443", "ca_cert_file": str(pki / "ca/ca.crt"), "ca_key_file": str(pki / "ca/ca.key")}
+    config = sim_config(forward_proxy=fp, clients=CLIENTS)
+    assert config.forward_proxy is not None and config.forward_proxy.listen == Address("0.0.0.0", 8443)
+    allowed = sim_config(forward_proxy=fp, security={"allow_unauthenticated": True})
+    assert any(w.startswith("forward_proxy.listen: 0.0.0.0:8443") for w in allowed.warnings)

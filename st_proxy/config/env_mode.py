@@ -5,6 +5,8 @@ its problems so that each names the variable to fix rather than a config path th
     ST_ENVIRONMENT                                             default production (custom when ST_AUTH_URL/ST_API_URL)
     ST_AUTH_URL, ST_API_URL                                    the URLs of that environment
     ST_PROXY_LISTEN, ST_PROXY_ADMIN_LISTEN                     the listen addresses
+    ST_PROXY_CLIENT_SECRET                                     one client, `default`, allowed every tenant
+    ST_PROXY_ALLOW_UNAUTHENTICATED                             true: a non-loopback listen without clients
 
 ``config.from_environment`` validates the document like any config file.
 """
@@ -17,6 +19,8 @@ from typing import Any
 REQUIRED = ("ST_APP_KEY", "ST_TENANT_ID", "ST_CLIENT_ID", "ST_CLIENT_SECRET")
 _URLS = (("auth_url", "ST_AUTH_URL"), ("api_url", "ST_API_URL"))
 _LISTEN = (("listen", "ST_PROXY_LISTEN"), ("admin_listen", "ST_PROXY_ADMIN_LISTEN"))
+CLIENT = "default"
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def document(environ: Mapping[str, str]) -> tuple[dict[str, Any], str, list[str]]:
@@ -39,12 +43,23 @@ def document(environ: Mapping[str, str]) -> tuple[dict[str, Any], str, list[str]
     if urls:
         raw["environments"] = {env_name: urls}
     raw.update({key: environ[var] for key, var in _LISTEN if environ.get(var)})
+    if environ.get("ST_PROXY_CLIENT_SECRET"):
+        raw["clients"] = {CLIENT: {"secret": {"env": "ST_PROXY_CLIENT_SECRET"}, "tenants": ["*"]}}
+    allow = environ.get("ST_PROXY_ALLOW_UNAUTHENTICATED")
+    if allow:
+        # An unknown word stays a string, which the loader refuses under the variable's name (rename below).
+        raw["security"] = {"allow_unauthenticated": _BOOLEANS.get(allow.strip().lower(), allow)}
     return raw, env_name, missing
 
 
 def rename(problem: str, env_name: str) -> str:
     """``tenants.abc: a tenant id must be digits`` -> ``env.ST_TENANT_ID: a tenant id must be digits``."""
     path, _, message = problem.partition(": ")
+    if path == "listen" and "no clients are configured" in message:
+        return (
+            "env.ST_PROXY_LISTEN: " + message.split(". Add clients")[0] + ". Set ST_PROXY_CLIENT_SECRET (callers "
+            "then authenticate as client `default`), listen on 127.0.0.1, or set ST_PROXY_ALLOW_UNAUTHENTICATED=true"
+        )
     names = dict(_LISTEN)
     names.update({f"environments.{env_name}.{key}": var for key, var in _URLS})
     if path in names:
@@ -53,6 +68,10 @@ def rename(problem: str, env_name: str) -> str:
             other = "ST_API_URL" if var == "ST_AUTH_URL" else "ST_AUTH_URL"
             message = f"is not set (a custom environment needs it with {other})"
         return f"env.{var}: {message}"
+    if path.startswith(f"clients.{CLIENT}."):
+        return f"env.ST_PROXY_CLIENT_SECRET: {message}"
+    if path == "security.allow_unauthenticated":
+        return f"env.ST_PROXY_ALLOW_UNAUTHENTICATED: {message}"
     if path.endswith(".environment"):
         return f"env.ST_ENVIRONMENT: {message}"
     if path.endswith(".client_id"):

@@ -16,6 +16,7 @@ from typing import Any, TypeGuard
 
 from . import env_mode
 from . import tls as tls_sections
+from .clients import STRONG_SECRET_CHARS, Client, parse_clients
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -30,11 +31,12 @@ from .model import (
     UpstreamConfig,
 )
 from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
+from .security import SecurityConfig, exposure, parse_security
 from .values import (
     HEADER_NAME,
+    Address,
     addresses_clash,
     describe,
-    is_loopback,
     parse_address,
     parse_tenant_id,
     parse_url,
@@ -69,17 +71,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
 }
-_TOP_KEYS = (
-    "listen",
-    "admin_listen",
-    "app_key",
-    "environments",
-    "routing",
-    "tenants",
-    *_SECTIONS,
-    "tls",
-    "forward_proxy",
-)
+_TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
+_TOP_KEYS += ("clients", "security")  # clients.py, security.py
+_TOP_KEYS += ("tls", "forward_proxy")  # tls.py
 _TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
 
 
@@ -274,12 +268,6 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
             addresses[key] = parse_address(raw[key]) if key in raw else default
         except ValueError as exc:
             problems.add(key, str(exc))
-    if "listen" in addresses and not is_loopback(addresses["listen"]):
-        # docs/operations.md: whoever reaches the data port acts with every tenant's credentials.
-        problems.warnings.append(
-            f"listen: {addresses['listen']} is reachable from beyond this host; anything that "
-            "can connect acts with every tenant's credentials"
-        )
     if len(addresses) == 2 and addresses_clash(addresses["listen"], addresses["admin_listen"]):
         problems.add(
             "admin_listen",
@@ -308,6 +296,20 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
 
+    tls = tls_config["tls"]
+    # A client_ca_file that failed to load has its own problem above; the rule judges what the config asks for.
+    mtls = tls_sections.authenticates_callers(tls) or bool(
+        isinstance(raw.get("tls"), Mapping) and raw["tls"].get("client_ca_file")
+    )
+    clients, security = _callers(
+        problems, raw, environ, addresses.get("listen"), mtls=mtls, tls=tls is not None or raw.get("tls") is not None
+    )
+    refused, warned = tls_sections.forward_proxy_exposure(
+        tls_config["forward_proxy"], clients=len(clients), security=security
+    )
+    problems.items.extend(refused)
+    problems.warnings.extend(warned)
+
     if problems.items:
         raise ConfigError(problems.items)
     assert app_key is not None
@@ -324,7 +326,41 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         secret_files=tuple(dict.fromkeys(problems.secret_files)),
         **sections,
         **tls_config,
+        clients=MappingProxyType(dict(clients)),
+        security=security,
     )
+
+
+def _callers(
+    problems: _Problems,
+    raw: Mapping[Any, Any],
+    environ: Mapping[str, str],
+    listen: Address | None,
+    *,
+    mtls: bool = False,
+    tls: bool = False,
+) -> tuple[Mapping[str, Client], SecurityConfig]:
+    """``clients`` and ``security`` (clients.py, security.py), and the closed-by-default rule for the data port."""
+
+    def secret(path: str, ref: object) -> tuple[Secret, SecretRef] | None:
+        return _secret(problems, path, ref, environ, header=True)
+
+    clients = parse_clients(raw.get("clients"), secret=secret, add=problems.add)
+    security = parse_security(raw.get("security"), secret=secret, add=problems.add)
+    if listen is not None and not ("clients" in raw and raw["clients"] and not clients):  # broken clients: said above
+        refused, warned = exposure(listen, clients=len(clients), client_certificates=mtls, security=security, tls=tls)
+        problems.items.extend(refused)
+        problems.warnings.extend(warned)
+    if security.token_signing_key is None:
+        for client in clients.values():
+            for ref, value in zip(client.secret_refs, client.secrets, strict=True):
+                if len(value.reveal()) < STRONG_SECRET_CHARS:
+                    problems.warnings.append(
+                        f"clients.{client.name}: the secret from {ref.describe()} has fewer than {STRONG_SECRET_CHARS} "
+                        "characters and no security.token_signing_key is set: local tokens are signed with a key "
+                        "derived from it, so a leaked token allows guessing it offline"
+                    )
+    return clients, security
 
 
 def load_file(path: str | Path, environ: Mapping[str, str]) -> Config:

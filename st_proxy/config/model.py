@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
+from .clients import Client
 from .secrets import Secret, SecretRef
+from .security import SecurityConfig
 from .tls import ForwardProxyConfig, TLSConfig
 from .values import Address
 
@@ -110,5 +113,7 @@ class Config:
     source: Path | None = None
     warnings: tuple[str, ...] = ()
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
+    clients: Mapping[str, Client] = field(default_factory=lambda: MappingProxyType({}))  # docs/security.md
+    security: SecurityConfig = SecurityConfig()
     tls: TLSConfig | None = None  # TLS on the data port (tls.py); None: plain HTTP
     forward_proxy: ForwardProxyConfig | None = None  # the HTTPS_PROXY mode (tls.py); None: off

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .values import Address, is_loopback, parse_address
+from .security import SecurityConfig, exposure
+from .values import Address, parse_address
 
 OTHER_HOSTS = ("refuse", "tunnel")
 
@@ -156,14 +157,6 @@ def parse_forward_proxy(problems: _Problems, raw: object) -> ForwardProxyConfig 
             listen = parse_address(raw["listen"])
         except ValueError as exc:
             problems.add("forward_proxy.listen", str(exc))
-    if listen is not None and not is_loopback(listen):
-        # Requests in the tunnel act with every tenant's credentials, and nothing authenticates the callers here.
-        problems.add(
-            "forward_proxy.listen",
-            f"{listen} is reachable from beyond this host; the forward-proxy listener must be loopback "
-            "(127.0.0.1, ::1): only the app next to the proxy may use it",
-        )
-        listen = None
     other = raw.get("other_hosts", "refuse")
     if other not in OTHER_HOSTS:
         problems.add("forward_proxy.other_hosts", f"expected one of {', '.join(OTHER_HOSTS)}")
@@ -228,3 +221,15 @@ def summary_lines(config: Any) -> list[str]:
     if forward is not None:
         lines.append(f"forward_proxy: {forward.listen}, CA {forward.ca_cert_file}, other hosts: {forward.other_hosts}")
     return lines
+
+
+def forward_proxy_exposure(
+    forward: ForwardProxyConfig | None, *, clients: int, security: SecurityConfig
+) -> tuple[list[str], list[str]]:
+    """The closed-by-default rule for the forward-proxy listener: the requests in its tunnels act with the tenants'
+    credentials like the data port's, and client certificates play no part there (the app's TLS ends at the leaf
+    the proxy signs), so beyond loopback it needs clients, or ``security.allow_unauthenticated``."""
+    if forward is None:
+        return [], []
+    refused, warned = exposure(forward.listen, clients=clients, client_certificates=False, security=security, tls=True)
+    return [f"forward_proxy.{line}" for line in refused], [f"forward_proxy.{line}" for line in warned]

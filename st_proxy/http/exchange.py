@@ -12,7 +12,18 @@ class CallerGone(Exception):
 class Exchange:
     """Filled in by the steps of the request path as they run; read once, when the request ends."""
 
-    __slots__ = ("answering", "bytes", "error", "request_id", "status", "tenant", "trace_id", "upstream_ms")
+    __slots__ = (
+        "answering",
+        "bytes",
+        "claimed",
+        "client",
+        "error",
+        "request_id",
+        "status",
+        "tenant",
+        "trace_id",
+        "upstream_ms",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -23,3 +34,5 @@ class Exchange:
         self.bytes = 0
         self.trace_id: str | None = None
         self.answering = False  # the answer's status line has gone to the caller: no other answer can follow
+        self.client: str | None = None  # the authenticated client's name (docs/security.md)
+        self.claimed: str | None = None  # a configured client name the caller presented, authenticated or not

@@ -2,7 +2,10 @@
 
 The request path, as steps (docs/architecture.md):
 
-    check target -> route -> look up tenant -> read body -> token -> send (and replay) -> relay
+    check target -> require header -> authenticate -> route -> authorize -> look up tenant -> read body -> token
+    -> send (and replay) -> relay
+
+``POST /connect/token`` is answered by the local token endpoint (inbound/token_endpoint.py), never forwarded.
 
 Path, query, method and body are forwarded exactly as received. Every request ends in one access log line and one
 count in the metrics, whatever step it ended in.
@@ -20,8 +23,11 @@ from aiohttp import web
 
 from ..config import Config
 from ..errors import ProxyError, UnknownTenant
+from ..inbound import token_endpoint
+from ..inbound.gate import TOKEN_PATH, Inbound
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
+from ..tls.leaves import tunnel_host
 from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body
@@ -53,8 +59,10 @@ class DataHandler:
         tokens: Callable[[], TokenManager],
         sender: Sender,
         metrics: Metrics,
+        inbound: Inbound,
         in_flight: InFlight | None = None,
     ) -> None:
+        self._inbound = inbound
         self._config = config
         self._tokens = tokens
         self._sender = sender
@@ -104,15 +112,26 @@ class DataHandler:
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
+        # require_header first: SSRF payloads rarely control headers (docs/security.md). Inside a forward-proxy
+        # tunnel the CONNECT handshake stands for the header: the app's library cannot be made to add one.
+        if tunnel_host(request) is None:
+            self._inbound.check_header(request.path, request.headers, config)
         path = check_target(request)  # the path as sent, decoded; never a normalised one
+        if path == TOKEN_PATH:
+            return await token_endpoint.answer(request, config, self._inbound, ex)
+        client = self._inbound.authenticate(request.headers.getall("Authorization", []), config, ex)
         # Until routing settles on one tenant the log line and metrics name none: a mismatch names two.
         tenant_id = resolve_tenant(path, request.headers, config.routing)
         ex.tenant = tenant_id
+        self._inbound.authorize(client, tenant_id, config)
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
         body, replayable = await read_body(
-            request, keep_up_to=config.tokens.replay_body_limit_bytes, tenant=tenant.tenant_id
+            request,
+            keep_up_to=config.tokens.replay_body_limit_bytes,
+            tenant=tenant.tenant_id,
+            limit=config.security.max_body_bytes,
         )
         tokens = self._tokens()
         token = await tokens.get(tenant)
@@ -153,6 +172,7 @@ class DataHandler:
     def _finish(self, request: web.Request, ex: Exchange, seconds: float) -> None:
         self._metrics.in_flight.dec()
         self._metrics.request_done(ex.tenant, request.method, ex.status, seconds)
+        self._inbound.observe(ex, self._config())
         fields: dict[str, object] = dict(
             request_id=ex.request_id,
             tenant=ex.tenant,
@@ -163,6 +183,8 @@ class DataHandler:
             upstream_ms=ex.upstream_ms,
             bytes=ex.bytes,
         )
+        if ex.client:  # with clients configured: who made the request (docs/security.md)
+            fields["client"] = ex.client
         if ex.error:
             fields["error"] = ex.error
         if ex.trace_id:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 section 7.6.1: connection-specific fields, never forwarded by a proxy, plus the ones RFC 9112 and common
@@ -72,3 +73,12 @@ def downstream_response_headers(upstream: CIMultiDictProxy[str], request_id: str
 # Headers aiohttp's client would invent. The caller's own are forwarded; none is added (docs/forwarding.md: an
 # added Accept-Encoding would hand callers compressed bodies they never asked for).
 NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``Server: st-proxy`` on the proxy's own answers instead of aiohttp's ``Python/3.x aiohttp/3.y`` (no versions
+    for a scanner to match). The proxy's own answers are whole ``web.Response`` objects (problems, the token endpoint,
+    the admin port); relayed upstream answers are streamed ``StreamResponse`` objects and keep their own ``Server``.
+    An ``on_response_prepare`` hook: aiohttp has set its default by then, so it is replaced here."""
+    if isinstance(response, web.Response):
+        response.headers["Server"] = SERVER

@@ -25,7 +25,7 @@ def problem_response(error: ProxyError, request_id: str | None) -> web.Response:
         "tenant": error.tenant,
         "request_id": request_id,
     }
-    headers = {ERROR_HEADER: error.code, "Server": SERVER}
+    headers = {**error.headers, ERROR_HEADER: error.code, "Server": SERVER}
     if request_id:
         headers["X-Request-ID"] = request_id
     if error.retry_after is not None:

@@ -1,7 +1,14 @@
-"""The admin port: /healthz, /readyz, /metrics, /tenants. Never on the data port; never a secret or a token."""
+"""The admin port: /healthz, /readyz, /metrics, /tenants. Never on the data port; never a secret or a token.
+
+``security.expose_tenants`` and ``security.admin_token`` (docs/security.md): /tenants lists tenant ids and token
+states, which only the host should see unless asked for (404 on a non-loopback ``admin_listen`` by default), and with
+an admin token /metrics and /tenants need ``Authorization: Bearer <it>``, as Prometheus' ``authorization`` setting and
+a PodMonitor's ``bearerTokenSecret`` send it. /healthz and /readyz always answer: probes carry no credentials.
+"""
 
 from __future__ import annotations
 
+import hmac
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -9,7 +16,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from ..config import Config
-from ..http.headers import SERVER
+from ..http.headers import server_header
 from ..upstream.tokens import TokenManager, TokenStatus
 from .metrics import Metrics
 
@@ -74,13 +81,31 @@ async def tenants(request: web.Request) -> web.Response:
     return web.json_response({"tenants": result})
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = SERVER  # every admin answer is the proxy's own: no versions (http/headers.py)
+GUARDED = ("/metrics", "/tenants")
+
+
+@web.middleware
+async def guard(request: web.Request, handler) -> web.StreamResponse:
+    if request.path not in GUARDED:
+        return await handler(request)
+    config = request.app[SOURCE].config  # read per request: a reload changes security
+    token = config.security.admin_token
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+            return web.json_response(
+                {"error": "admin_unauthorized", "detail": f"{request.path} needs the admin token (Bearer)"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="st-proxy-admin"'},
+            )
+    if request.path == "/tenants" and not config.security.tenants_exposed(config.admin_listen):
+        raise web.HTTPNotFound()
+    return await handler(request)
 
 
 def create_admin_app(runtime: AdminSource) -> web.Application:
-    app = web.Application()
-    app.on_response_prepare.append(_server_header)
+    app = web.Application(middlewares=[guard])
+    app.on_response_prepare.append(server_header)
     app[SOURCE] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

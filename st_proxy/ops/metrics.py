@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import __version__
+from .client_metrics import ClientMetrics
 
 NO_TENANT = "none"
 OTHER_METHOD = "other"
@@ -135,6 +136,7 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
         self._expires_in = _ExpiresIn(clock)
         r.register(self._expires_in)
+        self.clients = ClientMetrics(r)  # st_proxy_client_auth_total, st_proxy_local_tokens_issued_total
 
     def watch_expiries(self, expiries: Expiries) -> None:
         """Where the scrape-time gauge reads ``(tenant id, expires_at or None)`` pairs from."""

@@ -19,7 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
+from ..http.headers import server_header
 from ..http.send import Sender
+from ..inbound.gate import INBOUND, Inbound
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
 from ..upstream.egress import EgressProxies
@@ -70,6 +72,7 @@ def create_app(
     runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
     egress = EgressProxies(os.environ if environ is None else environ)
     runtime.metrics.set_tenants(config.tenants)
+    runtime.metrics.clients.set_clients(config.clients)
     # Registered before start, so every configured tenant has an expiry series (0) from the first scrape.
     runtime.metrics.watch_expiries(lambda: _expiries(runtime))
 
@@ -106,12 +109,15 @@ def create_app(
         tokens=lambda: _require(runtime.tokens),
         sender=Sender(session=lambda: _require(runtime.api_session), metrics=runtime.metrics, egress=egress),
         metrics=runtime.metrics,
+        inbound=(inbound := Inbound(metrics=runtime.metrics.clients, clock=clock)),
         in_flight=runtime.in_flight,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).
     app = web.Application(middlewares=[handler.unroutable], handler_args={"auto_decompress": False})
+    app.on_response_prepare.append(server_header)
     app[RUNTIME] = runtime
+    app[INBOUND] = inbound
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app

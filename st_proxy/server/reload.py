@@ -29,6 +29,7 @@ from ..config import Config, ConfigError
 from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch
 from ..config.load import file_refs
+from ..config.security import exposure
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
 
@@ -177,11 +178,14 @@ class Reloader:
             except Exception as exc:  # a bug must not take the running config down with it
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
             new, fixed = _pin_fixed(self.holder.current, new)
+            self._failed_refs = ()
+            refused = _still_closed(self.holder.current, new)
+            if refused:
+                return self._failed(trigger, refused)
             try:
                 commits = [prepare(new) for prepare in self._preparers]
             except ConfigError as exc:
                 return self._failed(trigger, exc.problems)
-            self._failed_refs = ()
             files = (*new.secret_files, *tls_sections.watched_files(new))
             missing = [p for p in files if p not in self._watch.paths]
             if missing:
@@ -228,6 +232,7 @@ class Reloader:
         for commit in commits:
             commit()
         self._metrics.set_tenants(new.tenants)
+        self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
         self._metrics.config_reloaded(ok=True)
@@ -256,6 +261,20 @@ class Reloader:
             # New credentials get their first token in the background, as at start-up, so the first request for a
             # new tenant usually finds one ready.
             self._spawn(tokens.prewarm(fresh), "token-prewarm-reload")
+
+
+def _still_closed(old: Config, new: Config) -> list[str]:
+    """The closed-by-default rule against the listener that is bound (``listen`` keeps its start-up value), so a
+    reload can never leave a non-loopback data port without caller authentication (docs/security.md)."""
+    refused, _ = exposure(
+        old.listen,
+        clients=len(new.clients),
+        client_certificates=tls_sections.authenticates_callers(new.tls),
+        security=new.security,
+        tls=new.tls is not None,
+    )
+    forward, _ = tls_sections.forward_proxy_exposure(new.forward_proxy, clients=len(new.clients), security=new.security)
+    return refused + forward
 
 
 def _ids(ids: Iterable[str]) -> str:

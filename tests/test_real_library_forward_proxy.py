@@ -11,8 +11,8 @@ token.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -92,16 +92,22 @@ async def test_servicepytan_runs_unchanged_through_the_forward_proxy_with_local_
             "HTTPS_PROXY": f"http://{forward}",
             "REQUESTS_CA_BUNDLE": str(bundle),
         }
-        result = subprocess.run(
-            [sys.executable, str(app), T1.tenant_id, LOCAL_CLIENT, LOCAL_SECRET],
+        # Run without blocking this event loop: the simulator answers from it.
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(app),
+            T1.tenant_id,
+            LOCAL_CLIENT,
+            LOCAL_SECRET,
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
             cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
-        answer = json.loads(result.stdout)
+        out, err = await asyncio.wait_for(child.communicate(), 60)
+        stdout, stderr = out.decode(), err.decode()
+        assert child.returncode == 0, stdout + stderr
+        answer = json.loads(stdout)
         assert len(answer["page"]["data"]) == 2 and answer["page"]["page"] == 1
         assert answer["job"]["id"] == 42
         # The real token endpoint saw the proxy's fetch (the tenant's credentials), never the app's local ones.
@@ -109,6 +115,10 @@ async def test_servicepytan_runs_unchanged_through_the_forward_proxy_with_local_
         connects = [e for e in proxy.events if e.get("event") == "connect"]
         assert {e["target"] for e in connects} == {"auth.servicetitan.io:443", "api.servicetitan.io:443"}
         assert all(e["outcome"] == "intercepted" for e in connects)
-        assert T1.client_secret not in proxy.output() + result.stdout + result.stderr
+        # Its token requests were answered by the proxy's local token endpoint, never forwarded.
+        token_lines = [e for e in proxy.events if e.get("path") == "/connect/token"]
+        assert token_lines and all(e["status"] == 200 and e["client"] == LOCAL_CLIENT for e in token_lines)
+        assert LOCAL_CLIENT not in simulator.token_requests_by_client
+        assert T1.client_secret not in proxy.output() + stdout + stderr
     finally:
         await proxy.close()
