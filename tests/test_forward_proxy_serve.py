@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import T1
+from cryptography import x509
 from serve_process import ServeProcess, poll_until, write_config
 from tls_helpers import client_context, make_ca
 
@@ -82,6 +83,22 @@ async def test_tunnels_through_the_running_proxy_reach_the_tenant(simulator, pro
 
     (access,) = await poll_until(access_line, what="the tunnelled request's access log line")
     assert access["status"] == 200 and access["tenant"] == T1.tenant_id
+
+    reader, writer = await asyncio.open_connection(*proxy_url.removeprefix("http://").rsplit(":", 1))
+    writer.write(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 403 ")
+    writer.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proc.admin_url + "/metrics") as resp:
+            metrics = await resp.text()
+    assert 'st_proxy_forward_proxy_connects_total{outcome="intercepted"} 1.0' in metrics
+    assert 'st_proxy_forward_proxy_connects_total{outcome="refused"} 1.0' in metrics
+    assert 'st_proxy_forward_proxy_connects_total{outcome="handshake_failed"} 0.0' in metrics
+    ca_expiry = x509.load_pem_x509_certificate((ca / "ca.crt").read_bytes()).not_valid_after_utc.timestamp()
+    assert (
+        f'st_proxy_tls_certificate_expiry_timestamp_seconds{{certificate="forward_proxy_ca"}} {ca_expiry:.9e}'
+        in metrics
+    )
 
 
 async def test_a_renewed_ca_signs_the_next_tunnels_and_a_broken_one_is_kept_out(simulator, proxy_process, tmp_path):

@@ -67,6 +67,21 @@ def cert_serial(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
+def cert_expiry(path: Path) -> float:
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
+
+
+async def expiry_metric(proc: ServeProcess) -> float:
+    """What /metrics says about the data port's certificate in use."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proc.admin_url + "/metrics") as resp:
+            text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith('st_proxy_tls_certificate_expiry_timestamp_seconds{certificate="data_port"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no data_port expiry series in /metrics")
+
+
 async def get_customers(base: str, context: ssl.SSLContext) -> int:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{base}/crm/v2/tenant/{T1.tenant_id}/customers", ssl=context) as resp:
@@ -99,10 +114,12 @@ async def test_a_renewed_certificate_is_served_to_new_connections_without_droppi
         url = f"{https(proc)}/crm/v2/tenant/{T1.tenant_id}/download?bytes=8192&chunk=1024&delay=0.25"
         async with session.get(url, ssl=client_context(ca / "ca.crt")) as slow:
             assert slow.status == 200
-            issue(ca, server, "localhost", "127.0.0.1")  # renewed in place, as cert-manager does
+            assert await expiry_metric(proc) == cert_expiry(server / "tls.crt")
+            issue(ca, server, "localhost", "127.0.0.1", days=30)  # renewed in place, as cert-manager does
             new_serial = cert_serial(server / "tls.crt")
             await proc.wait_event("tls_reloaded")
             assert await serial_served(proc, ca / "ca.crt") == new_serial != old_serial
+            assert await expiry_metric(proc) == cert_expiry(server / "tls.crt")
             body = await slow.read()
     assert len(body) == 8192
     assert await get_customers(https(proc), client_context(ca / "ca.crt")) == 200
@@ -114,6 +131,7 @@ async def test_a_broken_or_mismatched_renewal_keeps_the_old_certificate(simulato
     proc = await serve(tls_config(tmp_path, simulator, server))
     serial = cert_serial(server / "tls.crt")
     good_key = (server / "tls.key").read_bytes()
+    expiry = await expiry_metric(proc)
 
     other = issue(ca, tmp_path / "other", "localhost")
     (server / "tls.key").write_bytes((other / "tls.key").read_bytes())  # a key that is not this certificate's
@@ -133,6 +151,7 @@ async def test_a_broken_or_mismatched_renewal_keeps_the_old_certificate(simulato
         return 'st_proxy_config_reloads_total{result="failure"} 2.0' in text
 
     assert await poll_until(failures, what="two failed reloads counted")
+    assert await expiry_metric(proc) == expiry  # the certificate still in use, not the refused one
     assert "PRIVATE KEY" not in proc.output() and good_key.decode() not in proc.output()
 
 

@@ -22,8 +22,8 @@ def make_ca(directory: Path, *permit: str) -> Path:
     return directory
 
 
-def issue(ca: Path, out: Path, *hosts: str) -> Path:
-    certs("issue", "--ca", ca, "--out", out, *[a for h in hosts for a in ("--host", h)])
+def issue(ca: Path, out: Path, *hosts: str, days: int = 365) -> Path:
+    certs("issue", "--ca", ca, "--out", out, "--days", str(days), *[a for h in hosts for a in ("--host", h)])
     return out
 
 

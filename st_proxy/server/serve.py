@@ -124,7 +124,7 @@ async def serve(
         await data_runner.cleanup()
         raise
     try:
-        await listeners.start(lambda: runtime.holder.current, data_runner)
+        await listeners.start(lambda: runtime.holder.current, data_runner, registry=runtime.metrics.registry)
     except OSError:
         await admin_runner.cleanup()
         await data_runner.cleanup()

@@ -34,6 +34,7 @@ from aiohttp import web
 from ..config import Address, Config, ConfigError, ForwardProxyConfig
 from ..config.file_watch import snapshot
 from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
+from ..ops.tls_metrics import TLSMetrics
 from .certs import CertError, LocalCA
 from .leaves import LeafCache
 from .tunnel import IDLE_TIMEOUT_SECONDS, TunnelFailed, relay
@@ -136,6 +137,7 @@ class ForwardProxy:
         self._pending: set[asyncio.Transport] = set()  # connections not yet handed to the HTTP protocol or a relay
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address | None = None
+        self.metrics: TLSMetrics | None = None
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
@@ -173,6 +175,8 @@ class ForwardProxy:
 
         def commit() -> None:
             self._settings, self._ca_state, self.leaves = settings, state, leaves
+            if self.metrics is not None:
+                self.metrics.certificate_expires("forward_proxy_ca", leaves.ca.cert.not_valid_after_utc.timestamp())
             log.info("forward proxy: the local CA was renewed", extra={"event": "forward_proxy_ca_reloaded"})
 
         return commit
@@ -259,6 +263,8 @@ class ForwardProxy:
         self._log("tunnelled", target, started)
 
     def _log(self, outcome: str, target: str | None, started: float, **fields: object) -> None:
+        if self.metrics is not None:
+            self.metrics.connect(outcome)
         level = logging.INFO if outcome in ("intercepted", "tunnelled") else logging.WARNING
         log.log(
             level,

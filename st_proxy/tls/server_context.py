@@ -17,6 +17,9 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
 
 from ..config import Config, ConfigError, TLSConfig
 from ..config.file_watch import snapshot
@@ -34,6 +37,14 @@ def build(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+def expires_at(cert_file: Path) -> float:
+    """The Unix time the first certificate in ``cert_file`` (the leaf) expires; 0 if it cannot be read now."""
+    try:
+        return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc.timestamp()
+    except (OSError, ValueError):
+        return 0.0
+
+
 class ServerTLS:
     """Holds the current server context; ``listener`` is the one to bind the data port with."""
 
@@ -42,6 +53,8 @@ class ServerTLS:
         self.listener = build(tls)
         self.current = self.listener
         self.listener.sni_callback = self._choose
+        self.expires_at = expires_at(tls.cert_file)
+        self.on_renewed: Callable[[float], None] | None = None  # told the new certificate's expiry
 
     def _choose(self, ssl_object: ssl.SSLObject, server_name: str | None, listener: ssl.SSLContext) -> None:
         current = self.current
@@ -55,9 +68,12 @@ class ServerTLS:
         if tls is None or (state := _state(tls)) == self._built_from:
             return lambda: None  # a reload that changed other settings: the files are the same
         fresh = build(tls)
+        expiry = expires_at(tls.cert_file)
 
         def commit() -> None:
-            self.current, self._built_from = fresh, state
+            self.current, self._built_from, self.expires_at = fresh, state, expiry
+            if self.on_renewed is not None:
+                self.on_renewed(expiry)
             log.info(
                 "tls: new connections get the certificate from %s",
                 tls.cert_file,

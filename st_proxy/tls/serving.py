@@ -10,8 +10,10 @@ import ssl
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from ..config import Config, ConfigError
+from ..ops.tls_metrics import TLSMetrics
 from ..upstream.egress import loops_into
 from .forward import ForwardProxy, load_ca, start_forward_proxy
 from .leaves import LeafCache
@@ -35,10 +37,21 @@ class TLSListeners:
     def ssl_context(self) -> ssl.SSLContext | None:
         return self.server_tls.listener if self.server_tls else None
 
-    async def start(self, config: Callable[[], Config], runner: web.BaseRunner) -> None:
+    async def start(
+        self, config: Callable[[], Config], runner: web.BaseRunner, *, registry: CollectorRegistry | None = None
+    ) -> None:
         settings = self._config.forward_proxy
         if settings is not None:
             self.forward = await start_forward_proxy(settings, config=config, runner=runner, leaves=self._leaves)
+        if registry is not None and (self.server_tls is not None or self.forward is not None):
+            metrics = TLSMetrics(registry, forward_proxy=self.forward is not None)
+            if self.server_tls is not None:
+                metrics.certificate_expires("data_port", self.server_tls.expires_at)
+                self.server_tls.on_renewed = lambda expiry: metrics.certificate_expires("data_port", expiry)
+            if self.forward is not None:
+                self.forward.metrics = metrics
+                ca = self.forward.leaves.ca.cert
+                metrics.certificate_expires("forward_proxy_ca", ca.not_valid_after_utc.timestamp())
 
     @property
     def preparers(self) -> list[Callable[[Config], Callable[[], None]]]:
