@@ -2,7 +2,7 @@
 
 The request path, as steps (docs/architecture.md):
 
-    check target -> require header -> authenticate -> route -> authorize -> look up tenant -> read body -> token
+    require header -> check target -> authenticate -> route -> authorize -> look up tenant -> read body -> token
     -> send (and replay) -> relay
 
 ``POST /connect/token`` is answered by the local token endpoint (inbound/token_endpoint.py), never forwarded.
