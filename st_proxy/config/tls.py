@@ -14,10 +14,13 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .security import SecurityConfig, exposure
 from .values import Address, parse_address
+
+if TYPE_CHECKING:  # model.py imports this module for its section types
+    from .model import Config
 
 OTHER_HOSTS = ("refuse", "tunnel")
 
@@ -180,13 +183,13 @@ def parse(problems: _Problems, raw: Mapping[Any, Any]) -> dict[str, Any]:
     }
 
 
-def watched_files(config: Any) -> list[Path]:
+def watched_files(config: Config) -> list[Path]:
     """Certificate, key and CA files to watch like the config file itself."""
-    sections = (getattr(config, "tls", None), getattr(config, "forward_proxy", None))
+    sections = (config.tls, config.forward_proxy)
     return [path for section in sections if section is not None for path in section.files]
 
 
-def pin_listeners(old: Any, new: Any) -> tuple[Any, list[str]]:
+def pin_listeners(old: Config, new: Config) -> tuple[Config, list[str]]:
     """``new`` with what a reload cannot change taken from ``old``: whether the data port speaks TLS at all and
     whether it requires client certificates (the listener was bound with it), and the forward proxy's listener.
     Certificate, key and CA files (paths and contents) do change."""
@@ -210,7 +213,7 @@ def pin_listeners(old: Any, new: Any) -> tuple[Any, list[str]]:
     return new, changed
 
 
-def summary_lines(config: Any) -> list[str]:
+def summary_lines(config: Config) -> list[str]:
     """For ``check-config``: what TLS the listeners speak, naming files, never their contents."""
     lines = []
     tls: TLSConfig | None = config.tls
