@@ -428,3 +428,23 @@ async def test_clients_authenticate_inside_the_tunnel_like_on_the_data_port(simu
         async with session.get(url, proxy=stack.proxy_url, ssl=trust, headers={"Authorization": token}) as resp:
             assert resp.status == 200  # the bare local token, as ServiceTitan's own examples send it
     assert simulator.api_requests == 1
+
+
+async def test_curl_through_the_forward_proxy_with_the_local_ca(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca))
+    curl = await asyncio.create_subprocess_exec(
+        "curl",
+        "--silent",
+        "--show-error",
+        "--proxy",
+        stack.proxy_url,
+        "--cacert",
+        str(ca / "ca.crt"),
+        f"https://api.servicetitan.io/jpm/v2/tenant/{T1.tenant_id}/jobs/42",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    out, err = await asyncio.wait_for(curl.communicate(), 30)
+    assert curl.returncode == 0, err.decode()
+    assert json.loads(out)["id"] == 42
