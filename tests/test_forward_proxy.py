@@ -9,11 +9,13 @@ import hashlib
 import json
 import random
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import certifi
 import pytest
 import requests
 from aiohttp import web
@@ -447,4 +449,24 @@ async def test_curl_through_the_forward_proxy_with_the_local_ca(simulator, forwa
     )
     out, err = await asyncio.wait_for(curl.communicate(), 30)
     assert curl.returncode == 0, err.decode()
+    assert json.loads(out)["id"] == 42
+
+
+async def test_httpx_with_https_proxy_and_ssl_cert_file_from_its_environment(simulator, forward_stack, ca, tmp_path):
+    """The docs' recipe as an app would use it: nothing in the code, only HTTPS_PROXY and a bundle of the usual roots
+    plus the local CA in SSL_CERT_FILE (which replaces httpx's roots rather than adding to them)."""
+    stack = await forward_stack(production_at(simulator, ca))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + (ca / "ca.crt").read_bytes())
+    script = f"import httpx; print(httpx.get('https://api.servicetitan.io/jpm/v2/tenant/{T1.tenant_id}/jobs/42').text)"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "HTTPS_PROXY": stack.proxy_url, "SSL_CERT_FILE": str(bundle)},
+    )
+    out, err = await asyncio.wait_for(child.communicate(), 30)
+    assert child.returncode == 0, err.decode()
     assert json.loads(out)["id"] == 42
