@@ -1,129 +1,64 @@
-"""Throughput and latency of the proxy against the bundled simulator, measured with wrk (Debian's `wrk` package).
+"""Throughput and latency through the proxy against the bundled simulator, and the same request sent straight to it.
 
-Runs three real processes on loopback: `st-proxy simulate`, `st-proxy serve` in front of it, and wrk. Reports
-requests per second and latency percentiles through the proxy, and the same request sent straight to the simulator
-(with a token fetched once by hand) as the baseline. Everything is bounded: each wrk run lasts --seconds.
+Three real processes on loopback: `st-proxy simulate`, `st-proxy serve` in front of it, and the load generator (wrk,
+Debian's `wrk` package, or the bundled aiohttp one). The direct baseline carries a token fetched once by hand. Each
+run is bounded by --seconds and, for the bundled generator, by --max-requests too.
 
-    .venv/bin/python bench/throughput.py [--seconds 10] [--connections 50] [--log-level info] [--clients]
+    .venv/bin/python bench/run.py throughput [--seconds 10] [--connections 50] [--load-generator wrk|python]
 
---clients adds a client (docs/security.md) and measures the proxy again with callers authenticating by Basic and by
-a local token from POST /connect/token, next to the unauthenticated run.
-
-Not run by CI. The machine's two cores are shared by all three processes, so the absolute numbers are a floor.
+The machine's cores are shared by all three processes, so the absolute numbers are a floor.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
+
+import common
 
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
 
-BIN = Path(sys.executable).with_name("st-proxy")
-BENCH_SECRET = "bench-client-secret-0123456789abcdef"
+SCENARIO = "throughput"
+HELP = "req/s and latency through the proxy to the simulator, and straight to the simulator as the baseline"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
+    parser.add_argument("--connections", type=int, default=50, help="concurrent keep-alive connections")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--load-generator",
+        choices=("wrk", "python"),
+        default="wrk" if common.have_wrk() else "python",
+        help="wrk (Debian's package) or the bundled aiohttp generator",
+    )
+    parser.add_argument("--max-requests", type=int, default=1_000_000, help="count bound of the bundled generator")
 
 
-def wait_http(url: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up")
-
-
-def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> dict[str, str]:
-    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for name, value in headers.items():
-        cmd += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
-    result = {"rps": re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)}
-    for pct in ("50", "90", "99"):
-        match = re.search(rf"^\s+{pct}%\s+(\S+)", out, re.M)
-        result[f"p{pct}"] = match.group(1) if match else "?"
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    result["non_2xx"] = errors.group(1) if errors else "0"
-    result["requests"] = re.search(r"(\d+) requests in", out).group(1)
-    return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument("--clients", action="store_true", help="also measure Basic and local-token callers")
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        raise SystemExit("wrk is not installed (apt-get install wrk)")
-
-    sim_port, data_port, admin_port = free_port(), free_port(), free_port()
+def run(args: argparse.Namespace) -> int:
+    if args.load_generator == "wrk" and not common.have_wrk():
+        print("throughput: wrk is not installed (apt-get install wrk), or use --load-generator python")
+        return 2
     tenant = DEMO_TENANTS[0]
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "config.yaml"
-        config.write_text(
-            json.dumps(
-                {
-                    "listen": f"127.0.0.1:{data_port}",
-                    "admin_listen": f"127.0.0.1:{admin_port}",
-                    "app_key": {"value": DEMO_APP_KEY},
-                    "environments": {
-                        "sim": {
-                            "auth_url": f"http://127.0.0.1:{sim_port}/connect/token",
-                            "api_url": f"http://127.0.0.1:{sim_port}",
-                        }
-                    },
-                    "tenants": {
-                        t.tenant_id: {
-                            "environment": "sim",
-                            "client_id": t.client_id,
-                            "client_secret": {"value": t.client_secret},
-                        }
-                        for t in DEMO_TENANTS
-                    },
-                    **(
-                        {"clients": {"bench": {"secret": {"value": BENCH_SECRET}, "tenants": ["*"]}}}
-                        if args.clients
-                        else {}
-                    ),
-                }
-            )
-        )
-        try:
-            procs.append(
-                subprocess.Popen([BIN, "simulate", "--listen", f"127.0.0.1:{sim_port}"], stdout=subprocess.DEVNULL)
-            )
-            wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats", time.monotonic() + 15)
-            procs.append(
-                subprocess.Popen(
-                    [BIN, "serve", "--config", str(config), "--log-level", args.log_level], stdout=subprocess.DEVNULL
-                )
-            )
-            wait_http(f"http://127.0.0.1:{admin_port}/readyz", time.monotonic() + 15)
+    path = f"/crm/v2/tenant/{tenant.tenant_id}/customers/42"
 
-            path = f"/crm/v2/tenant/{tenant.tenant_id}/customers/42"
+    def load(url: str, headers: dict[str, str]) -> common.Load:
+        if args.load_generator == "wrk":
+            return common.wrk(url, seconds=args.seconds, connections=args.connections, headers=headers)
+        assert not headers, "the bundled generator sends no credentials: it only drives the proxy"
+        return common.python_load(
+            url, seconds=args.seconds, max_requests=args.max_requests, concurrency=args.connections
+        )
+
+    with tempfile.TemporaryDirectory() as tmp, common.Processes() as procs:
+        sim = common.start_simulator(procs)
+        config = common.write_config(Path(tmp), auth_url=f"{sim.url}/connect/token", api_url=sim.url)
+        proxy = common.start_proxy(procs, config, log_level=args.log_level)
+        rows = []
+        if args.load_generator == "wrk":
             form = urllib.parse.urlencode(
                 {
                     "grant_type": "client_credentials",
@@ -131,45 +66,21 @@ def main() -> None:
                     "client_secret": tenant.client_secret,
                 }
             ).encode()
-            with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/connect/token", data=form) as resp:
-                token = json.load(resp)["access_token"]
-            direct = wrk(
-                f"http://127.0.0.1:{sim_port}{path}",
-                args.seconds,
-                args.connections,
-                {"Authorization": f"Bearer {token}", "ST-App-Key": DEMO_APP_KEY},
-            )
-            runs = {"direct": direct}
-            if args.clients:
-                basic = "Basic " + base64.b64encode(f"bench:{BENCH_SECRET}".encode()).decode()
-                runs["proxied-basic"] = wrk(
-                    f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {"Authorization": basic}
-                )
-                local = urllib.parse.urlencode(
-                    {"grant_type": "client_credentials", "client_id": "bench", "client_secret": BENCH_SECRET}
-                ).encode()
-                with urllib.request.urlopen(f"http://127.0.0.1:{data_port}/connect/token", data=local) as resp:
-                    bearer = "Bearer " + json.load(resp)["access_token"]
-                runs["proxied-token"] = wrk(
-                    f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {"Authorization": bearer}
-                )
-            else:
-                runs["proxied"] = wrk(f"http://127.0.0.1:{data_port}{path}", args.seconds, args.connections, {})
-            with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/_sim/stats") as resp:
-                stats = json.load(resp)
-        finally:
-            for proc in reversed(procs):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
+            token = common.get_json(f"{sim.url}/connect/token", data=form)["access_token"]
+            credentials = {"Authorization": f"Bearer {token}", "ST-App-Key": DEMO_APP_KEY}
+            rows.append(common.load_row("direct", load(f"{sim.url}{path}", credentials)))
+        cpu_before = common.cpu_seconds(proxy.child.pid)
+        proxied = load(f"{proxy.url}{path}", {})
+        cpu = common.cpu_seconds(proxy.child.pid) - cpu_before
+        rows.append(common.load_row("proxied", proxied))
+        stats = common.get_json(f"{sim.url}/_sim/stats")
     print(
-        f"wrk -t2 -c{args.connections} -d{args.seconds}s, GET {path}, proxy log level {args.log_level}, "
-        f"{os.cpu_count()} cores shared by wrk, proxy and simulator"
+        f"{args.load_generator} -c{args.connections} for {args.seconds} s, GET {path}, proxy log level "
+        f"{args.log_level}, {os.cpu_count()} cores shared by the load generator, proxy and simulator"
     )
-    print(f"{'':14} {'req/s':>9} {'p50':>9} {'p90':>9} {'p99':>9} {'requests':>9} {'non-2xx':>8}")
-    for name, r in runs.items():
-        print(f"{name:14} {r['rps']:>9} {r['p50']:>9} {r['p90']:>9} {r['p99']:>9} {r['requests']:>9} {r['non_2xx']:>8}")
-    print(f"token requests at the simulator during the run: {stats['token_requests']} (1 by hand + prewarm)")
-
-
-if __name__ == "__main__":
-    main()
+    print(common.table(common.LOAD_HEADER, rows))
+    per_request = cpu / proxied.requests * 1e6 if proxied.requests else float("nan")
+    print(f"proxy CPU: {cpu:.2f} s over {proxied.requests} requests = {per_request:.0f} us per request")
+    by_hand = " plus 1 by hand for the direct run" if args.load_generator == "wrk" else ""
+    print(f"token requests at the simulator: {stats['token_requests']} (prewarm{by_hand})")
+    return 0 if proxied.requests and not proxied.non_2xx and not proxied.errors else 1

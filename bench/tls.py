@@ -9,7 +9,7 @@ cache, every time). Prints req/s, latency percentiles and the serving proxy's CP
 /proc/PID/stat), which is the number to compare: the client shares the machine's cores, so req/s is a floor.
 
     .venv/bin/python bench/tls.py [--seconds 3] [--rounds 3] [--concurrency 16] [--max-requests 20000]
-    .venv/bin/python bench/run.py tls ...     (where bench/run.py exists)
+    .venv/bin/python bench/run.py tls ...
 
 Not run by CI; nothing here is asserted.
 """

@@ -10,7 +10,7 @@ from conftest import T1, sim_config
 ISSUED = "tok.from-a-gzipping-endpoint"
 
 
-async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_token(aiohttp_server, start_proxy):
+async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_token(fake_upstream, start_proxy):
     # Token endpoints behind a CDN compress JSON whenever the request allows it; the API session keeps bodies as sent
     # (auto_decompress=False), but the token client must read the JSON, not the gzip bytes.
     async def token(request: web.Request) -> web.StreamResponse:
@@ -27,12 +27,7 @@ async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_
 
     auth = web.Application()
     auth.router.add_post("/connect/token", token)
-    api_app = web.Application()
-    api_app.router.add_route("*", "/{tail:.*}", api)
-    auth_server, api_server = await aiohttp_server(auth), await aiohttp_server(api_app)
-    config = sim_config(
-        None, auth_url=str(auth_server.make_url("/connect/token")), api_url=str(api_server.make_url("")).rstrip("/")
-    )
+    config = sim_config(None, auth_url=await fake_upstream(auth) + "/connect/token", api_url=await fake_upstream(api))
     proxy = await start_proxy(config, prewarm=False)
     async with proxy.session.get(f"{proxy.url}/crm/v2/tenant/{T1.tenant_id}/customers") as resp:
         assert resp.status == 200, await resp.text()
@@ -40,7 +35,7 @@ async def test_a_token_endpoint_that_compresses_its_answer_still_gives_a_usable_
 
 
 async def test_a_request_queued_behind_a_full_connection_pool_gets_a_timeout_not_an_endless_wait(
-    aiohttp_server, simulator, start_proxy
+    fake_upstream, simulator, start_proxy
 ):
     # With every pooled connection busy, a queued request must not wait forever holding a token that may expire
     # meanwhile: upstream.connect_timeout_seconds bounds the wait for a connection too.
@@ -51,12 +46,9 @@ async def test_a_request_queued_behind_a_full_connection_pool_gets_a_timeout_not
         await release.wait()
         return web.json_response({"data": []})
 
-    api_app = web.Application()
-    api_app.router.add_route("*", "/{tail:.*}", slow)
-    api_server = await aiohttp_server(api_app)
     config = sim_config(
         simulator,
-        api_url=str(api_server.make_url("")).rstrip("/"),
+        api_url=await fake_upstream(slow),
         upstream={"max_connections": 1, "connect_timeout_seconds": 0.2},
     )
     proxy = await start_proxy(config)

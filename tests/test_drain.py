@@ -36,12 +36,9 @@ class Gate:
 
 
 @pytest.fixture
-async def gate(aiohttp_server) -> AsyncIterator[tuple[Gate, str]]:
+async def gate(fake_upstream) -> AsyncIterator[tuple[Gate, str]]:
     gate = Gate()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gate.handle)
-    server = await aiohttp_server(app)
-    yield gate, str(server.make_url("")).rstrip("/")
+    yield gate, await fake_upstream(gate.handle)
     gate.release.set()  # nothing may stay parked on the gate when the server closes
 
 

@@ -6,6 +6,7 @@ import base64
 
 from aiohttp import web
 from conftest import T1, sim_config
+from yarl import URL
 
 from st_proxy.upstream.egress import DIRECT, EgressProxies
 
@@ -31,7 +32,7 @@ def test_without_proxy_variables_every_call_goes_direct():
     assert EgressProxies({})("https://api.servicetitan.io") == DIRECT
 
 
-async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(aiohttp_server, start_proxy):
+async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(fake_upstream, start_proxy):
     """A forward proxy on loopback sees absolute-form targets for a host that is never resolved by the proxy itself."""
     seen: list[tuple[str, str, str | None, str | None]] = []
 
@@ -48,9 +49,7 @@ async def test_token_and_api_calls_travel_through_the_configured_forward_proxy(a
             return web.json_response({"access_token": "tok-via-proxy", "expires_in": 900})
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward_proxy)
-    fake = await aiohttp_server(app)
+    fake = URL(await fake_upstream(forward_proxy))
     config = sim_config(api_url="http://api.st.test", auth_url="http://auth.st.test/connect/token")
     proxy = await start_proxy(
         config, prewarm=False, environ={"HTTP_PROXY": f"http://agent:s3cret@127.0.0.1:{fake.port}"}

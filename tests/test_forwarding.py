@@ -11,17 +11,17 @@ import base64
 import gzip
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import T1, T2, sim_config
+from conftest import T1, T2, TokenGate, raw_exchange, sim_config
 from yarl import URL
 
 from st_proxy.config import from_mapping
-from st_proxy.devtools.simulator import DEMO_APP_KEY, FAKE_REDIRECT, Simulator
+from st_proxy.devtools.simulator import DEMO_APP_KEY, FAKE_REDIRECT
 
 TENANT_PATH = f"/crm/v2/tenant/{T1.tenant_id}"
 
@@ -63,13 +63,10 @@ class Recorder:
 
 
 @pytest.fixture
-async def recorder(aiohttp_server) -> Recorder:
+async def recorder(fake_upstream) -> Recorder:
     rec = Recorder()
     # Bytes exactly as they came off the wire: no size cap, no inflating of gzip bodies.
-    app = web.Application(client_max_size=64 * 2**20, handler_args={"auto_decompress": False})
-    app.router.add_route("*", "/{tail:.*}", rec.handle)
-    server = await aiohttp_server(app)
-    rec.url = str(server.make_url("")).rstrip("/")
+    rec.url = await fake_upstream(rec.handle, client_max_size=64 * 2**20, handler_args={"auto_decompress": False})
     return rec
 
 
@@ -91,28 +88,6 @@ def token_of(sim, tenant_id: str) -> str:
 def exact(base: str, target: str) -> URL:
     """A URL the client sends exactly as written (yarl would otherwise normalise %2F and the query)."""
     return URL(base + target, encoded=True)
-
-
-async def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Write ``request`` on a fresh socket, read the answer until the server closes. Returns status, headers, body."""
-    parsed = URL(url)
-    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            data = await reader.read()  # the request says Connection: close, or the server closes after a 400
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, body
 
 
 # ---- headers --------------------------------------------------------------------------------------------------
@@ -443,21 +418,24 @@ async def problem_of(resp: aiohttp.ClientResponse) -> dict:
     return body
 
 
-async def test_a_request_naming_no_tenant_gets_tenant_required(recorder, via_recorder):
-    async with via_recorder.session.get(f"{via_recorder.url}/crm/v2/customers") as resp:
+@pytest.mark.parametrize(
+    ("target", "headers", "code"),
+    [
+        pytest.param("/crm/v2/customers", {}, "tenant_required", id="a_request_naming_no_tenant_gets_tenant_required"),
+        pytest.param(
+            f"{TENANT_PATH}/customers",
+            {"X-Tenant-ID": T2.tenant_id},
+            "tenant_mismatch",
+            id="header_and_path_naming_different_tenants_get_tenant_mismatch",
+        ),
+    ],
+)
+async def test_a_request_routed_to_no_single_tenant_gets_a_400_problem_naming_none(
+    recorder, via_recorder, target, headers, code
+):
+    async with via_recorder.session.get(f"{via_recorder.url}{target}", headers=headers) as resp:
         assert resp.status == 400
-        assert resp.headers["X-ST-Proxy-Error"] == "tenant_required"
-        body = await problem_of(resp)
-    assert body["tenant"] is None
-    assert recorder.seen == []
-
-
-async def test_header_and_path_naming_different_tenants_get_tenant_mismatch(recorder, via_recorder):
-    async with via_recorder.session.get(
-        f"{via_recorder.url}{TENANT_PATH}/customers", headers={"X-Tenant-ID": T2.tenant_id}
-    ) as resp:
-        assert resp.status == 400
-        assert resp.headers["X-ST-Proxy-Error"] == "tenant_mismatch"
+        assert resp.headers["X-ST-Proxy-Error"] == code
         body = await problem_of(resp)
     assert body["tenant"] is None
     assert recorder.seen == []
@@ -495,29 +473,7 @@ async def test_the_tenant_header_alone_routes_a_request_whose_path_names_none(si
 # ---- concurrency: cold misses share one token request per tenant --------------------------------------------------
 
 
-class GatedSimulator(Simulator):
-    """The simulator, but its token endpoint holds every answer until ``gate`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-
-    async def _token(self, request: web.Request) -> web.StreamResponse:
-        async with asyncio.timeout(20):
-            await self.gate.wait()
-        return await super()._token(request)
-
-
-@pytest.fixture
-async def gated_simulator() -> AsyncIterator[GatedSimulator]:
-    sim = GatedSimulator()
-    await sim.start("127.0.0.1", 0)
-    yield sim
-    sim.gate.set()
-    await sim.stop()
-
-
-async def burst(proxy, sim: GatedSimulator, tenants: list[str]) -> list[int]:
+async def burst(proxy, gate: TokenGate, tenants: list[str]) -> list[int]:
     """One request per entry in ``tenants``, all at once; tokens are answered only once every request is waiting."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as callers:
 
@@ -532,7 +488,7 @@ async def burst(proxy, sim: GatedSimulator, tenants: list[str]) -> list[int]:
                 # Polling for arrival, bounded by the timeout; nothing here is timed.
                 while proxy.registry.get_sample_value("st_proxy_in_flight_requests") < len(tenants):
                     await asyncio.sleep(0.01)
-            sim.gate.set()
+            gate.open()
             async with asyncio.timeout(20):
                 return list(await asyncio.gather(*requests))
         finally:
@@ -542,12 +498,18 @@ async def burst(proxy, sim: GatedSimulator, tenants: list[str]) -> list[int]:
 
 
 async def test_200_concurrent_cold_requests_for_one_tenant_make_one_token_request(gated_simulator, start_proxy):
-    proxy = await start_proxy(sim_config(gated_simulator), prewarm=False)
-    assert await burst(proxy, gated_simulator, [T1.tenant_id] * 200) == [200] * 200
-    assert gated_simulator.token_requests == 1
+    gate = TokenGate()
+    gate.close()
+    sim = await gated_simulator(gate)
+    proxy = await start_proxy(sim_config(sim), prewarm=False)
+    assert await burst(proxy, gate, [T1.tenant_id] * 200) == [200] * 200
+    assert sim.token_requests == 1
 
 
 async def test_two_tenants_with_100_concurrent_cold_requests_each_make_two_token_requests(gated_simulator, start_proxy):
-    proxy = await start_proxy(sim_config(gated_simulator), prewarm=False)
-    assert await burst(proxy, gated_simulator, [T1.tenant_id, T2.tenant_id] * 100) == [200] * 200
-    assert dict(gated_simulator.token_requests_by_client) == {T1.client_id: 1, T2.client_id: 1}
+    gate = TokenGate()
+    gate.close()
+    sim = await gated_simulator(gate)
+    proxy = await start_proxy(sim_config(sim), prewarm=False)
+    assert await burst(proxy, gate, [T1.tenant_id, T2.tenant_id] * 100) == [200] * 200
+    assert dict(sim.token_requests_by_client) == {T1.client_id: 1, T2.client_id: 1}

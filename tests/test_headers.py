@@ -8,9 +8,8 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import T1, sim_config
+from conftest import T1, parse_answer, parse_head, send_raw, sim_config
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from st_proxy.devtools.simulator import DEMO_APP_KEY
 from st_proxy.http.headers import (
@@ -210,27 +209,6 @@ async def upstream() -> AsyncIterator[RecordingUpstream]:
     await server.stop()
 
 
-def parse_head(head: bytes) -> tuple[bytes, list[tuple[str, str]]]:
-    first, *lines = head.rstrip(b"\r\n").split(b"\r\n")
-    pairs = [line.decode("latin-1").split(":", 1) for line in lines]
-    return first, [(name, value.strip()) for name, value in pairs]
-
-
-async def exchange(url: str, raw: bytes) -> tuple[bytes, list[tuple[str, str]], bytes]:
-    target = URL(url)
-    reader, writer = await asyncio.open_connection(target.host, target.port)
-    try:
-        writer.write(raw)
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    first, pairs = parse_head(head)
-    return first, pairs, body
-
-
 async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_design_says(
     simulator, upstream, start_proxy
 ):
@@ -257,7 +235,7 @@ async def test_headers_through_the_proxy_are_stripped_added_and_kept_as_the_desi
         "\r\n"
         "hello"
     ).encode()
-    status, answer_headers, body = await exchange(proxy.url, request)
+    status, answer_headers, body = parse_answer(await send_raw(proxy.url, request))
 
     ((head, sent_body),) = upstream.requests
     request_line, sent = parse_head(head)

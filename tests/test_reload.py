@@ -118,18 +118,23 @@ def write_plain_files(tmp_path: Path, simulator) -> tuple[Path, Path]:
     return path, secrets
 
 
-@pytest.fixture
-async def plain(tmp_path, simulator, start_proxy):
-    """A proxy whose config and secrets are plain files in tmp_path, with a Reloader on it."""
-    path, secrets = write_plain_files(tmp_path, simulator)
-    proxy = await start_proxy(load_file(path, {}))
-    reloader = Reloader(
+def reloader_for(proxy, path) -> Reloader:
+    """A Reloader on a started proxy that re-reads ``path``; poll_seconds=0: no polling loop, each test triggers its reloads."""
+    return Reloader(
         proxy.runtime.holder,
         proxy.runtime.metrics,
         tokens=lambda: proxy.runtime.tokens,
         load=lambda: load_file(path, {}),
         poll_seconds=0,
     )
+
+
+@pytest.fixture
+async def plain(tmp_path, simulator, start_proxy):
+    """A proxy whose config and secrets are plain files in tmp_path, with a Reloader on it."""
+    path, secrets = write_plain_files(tmp_path, simulator)
+    proxy = await start_proxy(load_file(path, {}))
+    reloader = reloader_for(proxy, path)
     yield proxy, reloader, path, secrets
     await reloader.close()
 
@@ -142,13 +147,7 @@ async def kube(tmp_path, simulator, start_proxy):
     config_volume.update({"config.yaml": yaml.safe_dump(config_doc(simulator, [T1, T2], secret_volume.root))})
     path = config_volume.path("config.yaml")
     proxy = await start_proxy(load_file(path, {}))
-    reloader = Reloader(
-        proxy.runtime.holder,
-        proxy.runtime.metrics,
-        tokens=lambda: proxy.runtime.tokens,
-        load=lambda: load_file(path, {}),
-        poll_seconds=0,
-    )
+    reloader = reloader_for(proxy, path)
     yield proxy, reloader, config_volume, secret_volume
     await reloader.close()
 

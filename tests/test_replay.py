@@ -73,7 +73,7 @@ async def test_an_app_key_401_is_not_replayed_and_reaches_the_caller_unchanged(s
 
 
 @pytest.fixture
-async def refusing_api(aiohttp_server):
+async def refusing_api(fake_upstream):
     """An API that answers every call with ServiceTitan's token 401, counting the calls."""
     calls: list[str] = []
 
@@ -91,10 +91,7 @@ async def refusing_api(aiohttp_server):
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", refuse)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/"), calls
+    return await fake_upstream(refuse), calls
 
 
 async def test_a_second_401_goes_back_to_the_caller_and_does_not_hammer_the_token_endpoint(

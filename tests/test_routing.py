@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from conftest import T1, T2, sim_config
+from conftest import T1, T2, raw_exchange, sim_config
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -180,19 +178,6 @@ async def test_routing_errors_are_problem_responses_with_their_code(
     assert simulator.token_requests == 0 and simulator.api_requests == 0  # nothing left the proxy
 
 
-async def raw_exchange(url: str, request: bytes) -> bytes:
-    """Send bytes exactly as written and read the whole answer (the request asks the server to close)."""
-    target = URL(url)
-    reader, writer = await asyncio.open_connection(target.host, target.port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout=10)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 @pytest.mark.parametrize(
     "request_line",
     [
@@ -202,8 +187,9 @@ async def raw_exchange(url: str, request: bytes) -> bytes:
 )
 async def test_only_origin_form_targets_are_forwarded(simulator, start_proxy, request_line):
     proxy = await start_proxy(sim_config(simulator), prewarm=False)
-    answer = await raw_exchange(proxy.url, request_line + b"\r\nHost: example.com\r\nConnection: close\r\n\r\n")
-    head = answer.split(b"\r\n\r\n", 1)[0].lower()
-    assert head.startswith(b"http/1.1 400"), answer[:200]
-    assert b"\r\nx-st-proxy-error: invalid_request" in head
+    status, headers, body = await raw_exchange(
+        proxy.url, request_line + b"\r\nHost: example.com\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 400, body[:200]
+    assert headers["x-st-proxy-error"] == "invalid_request"
     assert simulator.api_requests == 0 and simulator.token_requests == 0

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from st_proxy.server.app import create_app
+from st_proxy.server.data_port import DataRunner
 
 MiB = 2**20
 CHUNKS = 50  # 50 MiB each way
@@ -84,13 +85,12 @@ class Upstream:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server) -> Upstream:
+async def upstream(fake_upstream) -> Upstream:
     up = Upstream()
     app = web.Application()
     app.router.add_put(f"{TENANT_PATH}/attachments/1", up.receive)
     app.router.add_get(f"{TENANT_PATH}/attachments/1", up.send)
-    server = await aiohttp_server(app)
-    up.url = str(server.make_url("")).rstrip("/")
+    up.url = await fake_upstream(app)
     return up
 
 
@@ -188,7 +188,7 @@ async def hangup_proxy(request, simulator, upstream, start_proxy) -> AsyncIterat
         yield await start_proxy(config)
     else:
         registry = CollectorRegistry()
-        runner = web.AppRunner(create_app(config, registry=registry), access_log=None, handle_signals=False)
+        runner = DataRunner(create_app(config, registry=registry), access_log=None, handle_signals=False)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]

@@ -10,7 +10,6 @@ import json
 import socket
 from collections.abc import Callable
 
-import aiohttp
 import pytest
 from aiohttp import web
 from conftest import T1, FakeClock, sim_config
@@ -37,7 +36,7 @@ def jwt(claims: dict) -> str:
 
 
 @pytest.fixture
-async def token_endpoint(aiohttp_server):
+async def token_endpoint(fake_upstream):
     """``make(handler)``: a loopback token endpoint answering with ``handler(request)``; returns a tenant using it."""
 
     async def make(answer: Callable[[web.Request], web.StreamResponse]) -> Tenant:
@@ -47,16 +46,9 @@ async def token_endpoint(aiohttp_server):
 
         app = web.Application()
         app.router.add_post("/connect/token", handler)
-        server = await aiohttp_server(app)
-        return sim_config(None, auth_url=str(server.make_url("/connect/token"))).tenants[T1.tenant_id]
+        return sim_config(None, auth_url=await fake_upstream(app) + "/connect/token").tenants[T1.tenant_id]
 
     return make
-
-
-@pytest.fixture
-async def session():
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def fetch(session, tenant: Tenant, clock: FakeClock, **kwargs):
@@ -82,9 +74,7 @@ def test_client_secret_basic_form_encodes_each_part_before_base64_per_rfc_6749_2
     assert decoded == "cid.odd%3Aid:cs1.a%3Ab%2Bc%252Fd+e%26f%3Dg"
 
 
-async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_configured(
-    aiohttp_server, session, clock
-):
+async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_configured(fake_upstream, session, clock):
     seen: list[tuple[str, dict, str | None]] = []
 
     async def capture(request: web.Request) -> web.Response:
@@ -94,8 +84,7 @@ async def test_the_request_is_a_form_post_with_grant_type_and_no_scope_unless_co
 
     app = web.Application()
     app.router.add_post("/connect/token", capture)
-    server = await aiohttp_server(app)
-    tenant = sim_config(None, auth_url=str(server.make_url("/connect/token"))).tenants[T1.tenant_id]
+    tenant = sim_config(None, auth_url=await fake_upstream(app) + "/connect/token").tenants[T1.tenant_id]
     await fetch(session, tenant, clock)
     await fetch(session, tenant, clock, scope="tn.crm.customers:r")
     await fetch(session, tenant, clock, client_auth="client_secret_basic")

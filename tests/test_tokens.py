@@ -9,79 +9,17 @@ import random
 
 import aiohttp
 import pytest
-from aiohttp import web
-from conftest import T1, T2, FakeClock, sim_config
+from conftest import T1, T2, FakeClock, TokenGate, gated_simulator, sim_config  # noqa: F401 (test_tenants_endpoint imports them from here)
 from prometheus_client.parser import text_string_to_metric_families
 
 from st_proxy.config import Tenant, TokenConfig
-from st_proxy.devtools.simulator import SimTenant, Simulator
+from st_proxy.devtools.simulator import SimTenant
 from st_proxy.errors import TokenRejected, TokenUnavailable
 from st_proxy.upstream.token_client import Token, TokenClient, TokenRequestFailed
 from st_proxy.upstream.tokens import BACKOFF_MAX, TokenManager
 
 
 # -- helpers shared with test_replay.py and test_tenants_endpoint.py ---------------------------------------------------
-class TokenGate:
-    """A gate in front of the simulator's token endpoint: while closed, token requests (of ``clients``, or all) wait
-    at the gate; counts how many arrived and how many were being handled at once."""
-
-    def __init__(self, clients: set[str] | None = None) -> None:
-        self.opened = asyncio.Event()
-        self.opened.set()
-        self.clients = clients
-        self.arrived = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self._arrivals: asyncio.Condition = asyncio.Condition()
-
-    def close(self) -> None:
-        self.opened.clear()
-
-    def open(self) -> None:
-        self.opened.set()
-
-    async def wait_for_arrivals(self, n: int) -> None:
-        async with self._arrivals:
-            await asyncio.wait_for(self._arrivals.wait_for(lambda: self.arrived >= n), 10)
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler):
-        if request.path != "/connect/token":
-            return await handler(request)
-        if self.clients is not None:
-            form = await request.post()  # cached by aiohttp: the token handler reads the same form again
-            if form.get("client_id") not in self.clients:
-                return await handler(request)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            async with self._arrivals:
-                self.arrived += 1
-                self._arrivals.notify_all()
-            await self.opened.wait()
-            return await handler(request)
-        finally:
-            self.in_flight -= 1
-
-
-@pytest.fixture
-async def gated_simulator():
-    """``make(gate, **simulator_kwargs)``: a simulator on loopback whose token endpoint sits behind ``gate``."""
-    made: list[tuple[Simulator, TokenGate]] = []
-
-    async def make(gate: TokenGate, **kwargs) -> Simulator:
-        sim = Simulator(**kwargs)
-        sim.app.middlewares.append(gate.middleware)
-        await sim.start("127.0.0.1", 0)
-        made.append((sim, gate))
-        return sim
-
-    yield make
-    for sim, gate in made:
-        gate.open()
-        await sim.stop()
-
-
 def many_tenants(n: int, first: int = 2_000_000) -> list[SimTenant]:
     return [SimTenant(str(first + i), f"cid.t{i}", f"cs1.secret-{i}") for i in range(n)]
 

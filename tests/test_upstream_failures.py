@@ -64,7 +64,7 @@ async def test_an_api_slower_than_the_read_timeout_gives_504_upstream_timeout(si
 
 
 @pytest.fixture
-async def broken_api(aiohttp_server) -> str:
+async def broken_api(fake_upstream) -> str:
     """An API that promises 1000 bytes, sends 100, and hangs up; or answers something that is not HTTP."""
 
     async def dies_mid_body(request: web.Request) -> web.StreamResponse:
@@ -81,8 +81,7 @@ async def broken_api(aiohttp_server) -> str:
     app = web.Application()
     app.router.add_get(f"{TENANT_PATH}/dies", dies_mid_body)
     app.router.add_get(f"{TENANT_PATH}/fine", fine)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
+    return await fake_upstream(app)
 
 
 async def test_an_api_that_dies_mid_body_gives_the_caller_a_broken_answer_not_a_complete_one(

@@ -74,6 +74,8 @@ class DataHandler:
         """Send what aiohttp's router cannot match (CONNECT's authority-form target, ``OPTIONS *``) to ``handle``.
 
         Without this those requests get aiohttp's plain-text 404 instead of the proxy's ``invalid_request`` problem.
+        Only the Application's router needs it: `st-proxy serve` calls ``handle`` for every target through the
+        low-level server (server/data_port.py, docs/serving-layer.md).
         """
         if request.match_info.http_exception is not None:
             return await self.handle(request)

@@ -30,7 +30,10 @@ from ..upstream.tokens import TokenManager
 from .reload import ConfigHolder
 from .runtime import RUNTIME, Runtime
 
-__all__ = ["RUNTIME", "create_admin_app", "create_app"]
+__all__ = ["DATA_HANDLER", "RUNTIME", "create_admin_app", "create_app"]
+
+# The data port's request handler: server/data_port.DataRunner serves it without the router (docs/serving-layer.md).
+DATA_HANDLER = web.AppKey("data_handler", DataHandler)
 
 
 def _session(
@@ -118,6 +121,7 @@ def create_app(
     app.on_response_prepare.append(server_header)
     app[RUNTIME] = runtime
     app[INBOUND] = inbound
+    app[DATA_HANDLER] = handler
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", handler.handle)
     return app

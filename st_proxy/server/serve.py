@@ -53,11 +53,14 @@ async def start_site(
     address: Address,
     *,
     shutdown_timeout: float = 60.0,
+    runner_class: Callable[..., web.BaseRunner] = web.AppRunner,
     ssl_context: ssl.SSLContext | None = None,
-) -> tuple[web.AppRunner, Address]:
+) -> tuple[web.BaseRunner, Address]:
+    """Serve ``app`` on ``address`` through ``runner_class``: the router (web.AppRunner, the admin app) or the data
+    port's low-level server (data_port.DataRunner); with ``ssl_context``, over TLS (tls/server_context.py)."""
     # handler_cancellation: a caller that hangs up cancels its handler, and with it the upstream exchange, which would
     # otherwise run on for up to read_timeout holding a pooled connection (aiohttp's default is False since 3.8.1).
-    runner = web.AppRunner(
+    runner = runner_class(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True
     )
     await runner.setup()
@@ -91,12 +94,14 @@ async def serve(
     work, while the data port keeps accepting for ``shutdown.drain_seconds`` (they take a few seconds to notice).
     Then the listener closes (new connections are refused), idle keep-alive connections are closed, and serve waits
     up to ``shutdown.timeout_seconds`` for every in-flight request, streams included (``http/inflight.py``). What is
-    left is cut by aiohttp's ``AppRunner.cleanup`` and logged as status 503, error ``shutdown``, not as a caller that
-    hung up (499). The admin port stays up to the end, so probes see the 503.
+    left is cut by ``DataRunner.cleanup`` (aiohttp's) and logged as status 503, error ``shutdown``, not as a caller
+    that hung up (499); only then are the client sessions closed (``DataRunner``). The admin port stays up to the end,
+    so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
     from ..tls.serving import TLSListeners
     from .app import RUNTIME, create_admin_app, create_app
+    from .data_port import DataRunner
     from .reload import Reloader
 
     listeners = TLSListeners(config, os.environ)  # ConfigError (exit 2) before anything is bound
@@ -114,7 +119,11 @@ async def serve(
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
     data_runner, data_addr = await start_site(
-        app, config.listen, shutdown_timeout=CUT_OFF_SECONDS, ssl_context=listeners.ssl_context
+        app,
+        config.listen,
+        shutdown_timeout=CUT_OFF_SECONDS,
+        runner_class=DataRunner,
+        ssl_context=listeners.ssl_context,
     )
     try:
         admin_runner, admin_addr = await start_site(

@@ -3,7 +3,7 @@
 ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` are honoured for token and API calls alike (docs/configuration.md). They are
 looked up once per base URL, not per request: aiohttp's own ``trust_env=True`` repeats the lookup on every request and
 reads ``~/.netrc`` in a worker thread each time, which cut the proxy's throughput to less than a third
-(`bench/throughput.py`: 1,780 req/s with it, 5,900 without). The environment is read by the caller (``app.py``) and
+(`bench/run.py throughput`: 1,780 req/s with it, 5,900 without). The environment is read by the caller (``app.py``) and
 passed in, so nothing below ``app.py`` reads it.
 """
 
