@@ -18,28 +18,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
+import common
 
-from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
+from st_proxy.devtools.simulator import DEMO_TENANTS
 from st_proxy.tls.certs import LocalCA, write_ca, write_pair
 
 SCENARIO = "tls"
 HELP = "cost per request of the TLS data port and the forward-proxy mode, against the plain data port"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-DEADLINE = 20.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,35 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed (default 3)")
     parser.add_argument("--concurrency", type=int, default=16, help="callers at once (default 16)")
     parser.add_argument("--max-requests", type=int, default=20000, help="per mode, an upper bound (default 20000)")
-    parser.add_argument("--log-level", default="warning", help="the proxies' log level (default warning)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("st-proxy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "st_proxy"]
-
-
-def _wait(url: str, context: ssl.SSLContext | None = None) -> None:
-    end = time.monotonic() + DEADLINE
-    while time.monotonic() < end:
-        try:
-            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"{url} did not come up within {DEADLINE}s")
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    parser.add_argument("--log-level", default="info", help="the proxies' log level (default info, as in production)")
 
 
 async def _load(
@@ -120,105 +86,47 @@ async def _load(
 def run(args: argparse.Namespace) -> int:
     tenant = DEMO_TENANTS[0]
     path = f"/crm/v2/tenant/{tenant.tenant_id}/customers/42"
-    children: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="st-proxy-bench-tls-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="st-proxy-bench-tls-") as tmp, common.Processes() as procs:
         base = Path(tmp)
         ca = LocalCA.create(permit=["api.servicetitan.io", "auth.servicetitan.io", "localhost", "127.0.0.1"])
         write_ca(ca, base / "ca")
         write_pair(*ca.issue(["localhost", "127.0.0.1"]), base / "server")
         trust = ssl.create_default_context(cafile=str(base / "ca" / "ca.crt"))
-        ports = {name: _free_port() for name in ("sim", "plain", "plain_admin", "forward", "tls", "tls_admin")}
-        sim = f"http://127.0.0.1:{ports['sim']}"
-
-        def config(name: str, **sections: object) -> Path:
-            raw = {
-                "listen": f"127.0.0.1:{ports[name]}",
-                "admin_listen": f"127.0.0.1:{ports[name + '_admin']}",
-                "app_key": {"value": DEMO_APP_KEY},
-                "environments": {"production": {"auth_url": f"{sim}/connect/token", "api_url": sim}},
-                "tenants": {
-                    t.tenant_id: {"client_id": t.client_id, "client_secret": {"value": t.client_secret}}
-                    for t in DEMO_TENANTS
-                },
-                **sections,
-            }
-            file = base / f"{name}.yaml"
-            file.write_text(json.dumps(raw))
-            return file
-
-        plain = config(
-            "plain",
-            forward_proxy={
-                "listen": f"127.0.0.1:{ports['forward']}",
-                "ca_cert_file": str(base / "ca" / "ca.crt"),
-                "ca_key_file": str(base / "ca" / "ca.key"),
-            },
-        )
-        tls = config(
-            "tls", tls={"cert_file": str(base / "server" / "tls.crt"), "key_file": str(base / "server" / "tls.key")}
-        )
         handshakes = asyncio.run(_handshake_cpu(base, rounds=7, per_round=100))
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-            env.pop(key, None)
-        try:
-            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
-            children.append(
-                subprocess.Popen([*_command(), "simulate", "--listen", f"127.0.0.1:{ports['sim']}"], **quiet)
-            )  # type: ignore[call-overload]
-            _wait(f"{sim}/_sim/stats")
-            level = ["--log-level", args.log_level]
-            plain_proc = subprocess.Popen([*_command(), "serve", "--config", str(plain), *level], **quiet)  # type: ignore[call-overload]
-            tls_proc = subprocess.Popen([*_command(), "serve", "--config", str(tls), *level], **quiet)  # type: ignore[call-overload]
-            children += [plain_proc, tls_proc]
-            _wait(f"http://127.0.0.1:{ports['plain_admin']}/readyz")
-            _wait(f"http://127.0.0.1:{ports['tls_admin']}/readyz")
 
-            modes = [
-                ("plain data port", f"http://127.0.0.1:{ports['plain']}{path}", None, True, plain_proc),
-                ("TLS data port", f"https://localhost:{ports['tls']}{path}", None, trust, tls_proc),
-                (
-                    "forward proxy",
-                    f"https://api.servicetitan.io{path}",
-                    f"http://127.0.0.1:{ports['forward']}",
-                    trust,
-                    plain_proc,
-                ),
-            ]
-            # Interleaved: every mode once per round, so a burst of other load on the machine hits all of them;
-            # each cell is the median over the rounds.
-            runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        sim = common.start_simulator(procs)
+        urls = {"auth_url": f"{sim.url}/connect/token", "api_url": sim.url}
+        (base / "plain").mkdir()
+        (base / "tls").mkdir()
+        ca_files = {"ca_cert_file": str(base / "ca" / "ca.crt"), "ca_key_file": str(base / "ca" / "ca.key")}
+        plain_config = common.write_config(base / "plain", **urls, forward_proxy={"listen": "127.0.0.1:0", **ca_files})
+        server_files = {"cert_file": str(base / "server" / "tls.crt"), "key_file": str(base / "server" / "tls.key")}
+        tls_config = common.write_config(base / "tls", **urls, tls=server_files)
+        plain = common.start_proxy(procs, plain_config, log_level=args.log_level)
+        secured = common.start_proxy(procs, tls_config, log_level=args.log_level)
+        forward = next(e["forward_proxy_listen"] for e in plain.events() if e.get("event") == "start")
+        tls_port = secured.url.rsplit(":", 1)[1]
+
+        modes = [
+            ("plain data port", f"{plain.url}{path}", None, True, plain.child.pid),
+            ("TLS data port", f"https://localhost:{tls_port}{path}", None, trust, secured.child.pid),
+            ("forward proxy", f"https://api.servicetitan.io{path}", f"http://{forward}", trust, plain.child.pid),
+        ]
+        # Interleaved: every mode once per round, so a burst of other load on the machine hits all of them; each
+        # cell is the median over the rounds.
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for fresh in (False, True):
+            for _name, url, proxy, context, _pid in modes:
+                asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=_warmup(args)))
+        for _ in range(args.rounds):
             for fresh in (False, True):
-                for _name, url, proxy, context, _proc in modes:
-                    asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=_warmup(args)))
-            for _ in range(args.rounds):
-                for fresh in (False, True):
-                    for name, url, proxy, context, proc in modes:
-                        cpu_before = _cpu_seconds(proc.pid)
-                        result = asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=args))
-                        cpu = _cpu_seconds(proc.pid) - cpu_before
-                        result["cpu_us"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
-                        runs.setdefault(("new connection" if fresh else "kept alive", name), []).append(result)
-            rows = [
-                (
-                    conn,
-                    name,
-                    {
-                        **{key: statistics.median(r[key] for r in results) for key in results[0]},
-                        "failures": sum(r["failures"] for r in results),  # every failure counts, not a median
-                    },
-                )
-                for (conn, name), results in runs.items()
-            ]
-            failures = sum(int(r["failures"]) for results in runs.values() for r in results)
-        finally:
-            for child in reversed(children):
-                child.send_signal(signal.SIGTERM)
-            for child in children:
-                try:
-                    child.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+                for name, url, proxy, context, pid in modes:
+                    cpu_before = common.cpu_seconds(pid)
+                    result = asyncio.run(_load(url, proxy=proxy, context=context, fresh=fresh, args=args))
+                    cpu = common.cpu_seconds(pid) - cpu_before
+                    result["cpu_us"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+                    runs.setdefault(("new connection" if fresh else "kept alive", name), []).append(result)
+    failures = sum(int(r["failures"]) for results in runs.values() for r in results)
     print(
         f"GET {path}, {args.concurrency} callers, {args.seconds:g} s per mode, median of {args.rounds} interleaved "
         f"rounds, proxies at log level {args.log_level}, "
@@ -227,11 +135,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"{'connections':15} {'mode':16} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU/req':>14} {'failed':>7}"
     )
-    for conn, name, r in rows:
-        print(
-            f"{conn:15} {name:16} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['cpu_us']:11.0f} us "
-            f"{int(r['failures']):7d}"
-        )
+    for (conn, name), results in runs.items():
+        r = {key: statistics.median(result[key] for result in results) for key in results[0]}
+        failed = sum(int(result["failures"]) for result in results)  # every failure counts, not a median
+        print(f"{conn:15} {name:16} {r['rps']:8.0f} {r['p50']:8.2f} {r['p99']:8.2f} {r['cpu_us']:11.0f} us {failed:7d}")
     print("\nCPU per TLS handshake, client and server together (median of 7 interleaved rounds of 100):")
     for name, micros in handshakes.items():
         print(f"  {name:16} {micros:6.0f} us")
