@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
-from . import env_mode
+from . import env_mode, metrics
 from . import tls as tls_sections
 from .clients import STRONG_SECRET_CHARS, Client, parse_clients
 from .model import (
@@ -57,6 +57,8 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
             "rejected_cooloff_seconds": "seconds",
             "replay_body_limit_bytes": "int0",
             "prewarm_concurrency": "positive_int",
+            "prewarm_rate_per_second": "positive_number",
+            "prewarm_ready_seconds": "seconds",
             "scope": "optional_str",
         },
     ),
@@ -70,6 +72,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
         },
     ),
     "shutdown": (ShutdownConfig, {"drain_seconds": "seconds", "timeout_seconds": "seconds"}),
+    "metrics": (metrics.MetricsConfig, metrics.FIELDS),
 }
 _TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
 _TOP_KEYS += ("clients", "security")  # clients.py, security.py

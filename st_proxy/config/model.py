@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .clients import Client
+from .metrics import MetricsConfig
 from .secrets import Secret, SecretRef
 from .security import SecurityConfig
 from .tls import ForwardProxyConfig, TLSConfig
@@ -82,6 +83,8 @@ class TokenConfig:
     replay_body_limit_bytes: int = 1048576
     prewarm_concurrency: int = 8
     scope: str | None = None  # ServiceTitan wants none; a generic OAuth server may
+    prewarm_rate_per_second: float = 20  # token requests per second at start-up and reload, all tenants together
+    prewarm_ready_seconds: float = 10  # readiness waits for prewarm at most this long
 
 
 @dataclass(frozen=True)
@@ -115,5 +118,6 @@ class Config:
     secret_files: tuple[Path, ...] = field(default=())  # every file a secret was read from, for the watcher
     clients: Mapping[str, Client] = field(default_factory=lambda: MappingProxyType({}))  # docs/security.md
     security: SecurityConfig = SecurityConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tls: TLSConfig | None = None  # TLS on the data port (tls.py); None: plain HTTP
     forward_proxy: ForwardProxyConfig | None = None  # the HTTPS_PROXY mode (tls.py); None: off

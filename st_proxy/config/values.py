@@ -104,7 +104,8 @@ def parse_tenant_id(raw: object) -> str | None:
 
 
 def parse_value(kind: str | tuple[str, ...], raw: object) -> Any:
-    """One setting. ``kind``: seconds, positive_seconds, positive_int, int0, str, optional_str, or a tuple of choices."""
+    """One setting. ``kind``: seconds, positive_seconds, positive_number, positive_int, int0, bool, str, optional_str,
+    or a tuple of choices."""
     if isinstance(kind, tuple):
         if raw not in kind:
             raise ValueError(f"expected one of {', '.join(kind)}")
@@ -114,6 +115,14 @@ def parse_value(kind: str | tuple[str, ...], raw: object) -> Any:
             raise ValueError("expected a number of seconds >= 0")
         if kind == "positive_seconds" and raw == 0:
             raise ValueError("must be greater than 0")
+        return raw
+    if kind == "positive_number":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw <= 0:
+            raise ValueError("expected a number greater than 0")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ValueError(f"expected true or false, got {describe(raw)}")
         return raw
     if kind in ("positive_int", "int0"):
         least = 1 if kind == "positive_int" else 0

@@ -11,7 +11,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -70,9 +70,14 @@ def create_app(
     rng: random.Random | None = None,
     prewarm: bool = True,
     environ: Mapping[str, str] | None = None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> web.Application:
-    """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app."""
-    runtime = Runtime(ConfigHolder(config), Metrics(registry, clock=clock), clock=clock)
+    """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app.
+
+    ``sleep`` is how prewarm waits for its turn (``upstream/pacing.py``): a test pairs it with its ``clock``.
+    """
+    metrics = Metrics(registry, clock=clock, tenant_histograms=config.metrics.tenant_histograms)
+    runtime = Runtime(ConfigHolder(config), metrics, clock=clock)
     egress = EgressProxies(os.environ if environ is None else environ)
     runtime.metrics.set_tenants(config.tenants)
     runtime.metrics.clients.set_clients(config.clients)
@@ -95,7 +100,10 @@ def create_app(
             clock=clock,
             egress=egress,
         )
-        runtime.tokens = TokenManager(client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng)
+        runtime.tokens = TokenManager(
+            client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng, sleep=sleep
+        )
+        runtime.ready_by = clock() + current.tokens.prewarm_ready_seconds
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             runtime.tokens.skip_prewarm(current.tenants.values())

@@ -10,8 +10,9 @@ failed validation, a missing secret file) is logged on one line with every probl
 ``st_proxy_config_reloads_total{result="failure"}``, and the previous config stays in force.
 
 What a reload cannot change: the sockets are bound and the client sessions, token client and shutdown timeouts are
-built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens`` and ``shutdown`` keep their start-up
-values until a restart; a reload that changes them says so in a warning and applies everything else.
+built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens``, ``shutdown`` and ``metrics`` (the metric
+families' label names are fixed once registered) keep their start-up values until a restart; a reload that changes
+them says so in a warning and applies everything else.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..config import tls as tls_sections
-from ..config.file_watch import FileWatch
+from ..config.file_watch import FileWatch, snapshots
 from ..config.load import file_refs
 from ..config.security import exposure
 from ..ops.metrics import Metrics
@@ -35,7 +36,7 @@ from ..upstream.tokens import TokenManager
 
 log = logging.getLogger("st_proxy.reload")
 
-FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown")
+FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown", "metrics")
 DEFAULT_POLL_SECONDS = 1.0
 
 
@@ -149,7 +150,8 @@ class Reloader:
         """Reload if a watched file changed: True (applied), False (rejected), None (nothing changed)."""
         if self._load is None:
             return None
-        changed = self._watch.changed()
+        # The stat calls in a worker thread: with thousands of secret files they take milliseconds every poll.
+        changed = self._watch.compare(await asyncio.to_thread(snapshots, self._watch.paths))
         if not changed:
             return None
         return await self.reload_now("changed: " + ", ".join(str(p) for p in changed))
@@ -186,11 +188,10 @@ class Reloader:
                 commits = [prepare(new) for prepare in self._preparers]
             except ConfigError as exc:
                 return self._failed(trigger, exc.problems)
-            files = (*new.secret_files, *tls_sections.watched_files(new))
-            missing = [p for p in files if p not in self._watch.paths]
-            if missing:
-                self._watch.watch([*self._watch.paths, *missing])
+            self._watch.add([*new.secret_files, *tls_sections.watched_files(new)])
             self._apply(new, trigger, fixed, commits)
+            # After the swap, in steps: thousands of added or removed tenants' series must not hold the loop.
+            await self._metrics.set_tenants_stepwise(new.tenants)
             return True
 
     def _candidate_paths(self) -> list[Path]:
@@ -231,7 +232,6 @@ class Reloader:
         self.holder.swap(new)
         for commit in commits:
             commit()
-        self._metrics.set_tenants(new.tenants)
         self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0

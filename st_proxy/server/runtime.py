@@ -25,7 +25,8 @@ class Runtime:
     api_session: aiohttp.ClientSession | None = None
     token_session: aiohttp.ClientSession | None = None
     draining: bool = False
-    started: bool = False  # every configured tenant's first token attempt has finished once
+    started: bool = False  # ready once: every tenant's first token attempt finished, or the prewarm bound passed
+    ready_by: float | None = None  # clock time when readiness stops waiting for prewarm (tokens.prewarm_ready_seconds)
     in_flight: InFlight = field(default_factory=InFlight)  # data-port requests being handled, for the shutdown
 
     @property
@@ -34,13 +35,21 @@ class Runtime:
         return self.holder.current
 
     def ready(self) -> bool:
-        """Ready once the first token attempt for every tenant has finished, success or not (docs/tokens.md).
+        """Ready once the first token attempt for every tenant has finished, success or not, or once
+        ``tokens.prewarm_ready_seconds`` have passed since start-up, whichever comes first.
 
-        A latch: a tenant added later by a reload is prewarmed in the background but does not take the whole proxy
-        out of its load balancer while that happens; its requests wait on the token like any cold request.
+        With thousands of tenants and a paced prewarm the attempts take minutes; the rest go on in the background and
+        a request for a tenant not yet warmed fetches its token at once. A latch: a tenant added later by a reload is
+        prewarmed in the background but does not take the whole proxy out of its load balancer while that happens.
         """
-        if not self.started and self.tokens is not None and not self.pending_tenants():
+        if self.started or self.tokens is None:
+            return self.started
+        if self.ready_by is not None and self.clock() >= self.ready_by:
             self.started = True
+        else:
+            tokens = self.tokens
+            # Stops at the first tenant still pending: prewarm goes in config order, so that is usually an early one.
+            self.started = all(tokens.attempted(t) for t in self.holder.current.tenants.values())
         return self.started
 
     def pending_tenants(self) -> list[str]:

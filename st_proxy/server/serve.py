@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -147,6 +148,11 @@ async def serve(
         preparers=listeners.preparers,
     )
     reloader.start()
+    # What start-up built (the config, every tenant's metric series) lives as long as the process. Moved out of the
+    # collector's generations it is no longer walked by each full collection: at 5,000 tenants such a walk holds the
+    # event loop for ~100 ms, triggered by whatever allocates next, a scrape's render included (Python docs: gc.freeze).
+    gc.collect()
+    gc.freeze()
     log.info(
         "listening on %s (admin %s) for %d tenants",
         data_addr,
@@ -216,4 +222,12 @@ async def _log_when_ready(runtime) -> None:
     rather than reach into the token manager; 50 ms is well below any load balancer's probe period."""
     while not runtime.ready():  # noqa: ASYNC110 (a predicate, not an event: see the docstring)
         await asyncio.sleep(0.05)
-    log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})
+    pending = len(runtime.pending_tenants())
+    if pending:
+        log.info(
+            "ready: tokens.prewarm_ready_seconds passed; prewarm continues in the background for %d tenants",
+            pending,
+            extra={"event": "ready", "prewarm_pending": pending},
+        )
+    else:
+        log.info("ready: the first token attempt has finished for every tenant", extra={"event": "ready"})

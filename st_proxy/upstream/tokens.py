@@ -15,6 +15,9 @@
 - An upstream 401 drops the token only if it is still the current one (identity), and at most once per
   ``INVALIDATE_MIN_INTERVAL`` per entry: an API that refuses every fresh token must not turn each request into a token
   request (ServiceTitan throttles its token endpoint, docs/servicetitan.md).
+- Prewarm (start-up and reloads) fetches tenants' first tokens in the background, ``prewarm_concurrency`` at a time and
+  paced by ``pacing.Pacer`` at ``prewarm_rate_per_second``. Every other fetch (a request for a tenant not yet warmed,
+  a refresh, a retry) starts at once, ahead of the prewarm queue, and books its slot with the pacer so prewarm yields.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Protocol
 
 from ..config import Tenant, TokenConfig
 from ..errors import TokenRejected, TokenUnavailable
+from .pacing import Pacer, Sleep
 from .token_client import Token, TokenRequestFailed
 
 log = logging.getLogger("st_proxy.tokens")
@@ -85,6 +89,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
         observer: TokenObserver | None = None,
         rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._fetcher = fetcher
         self.settings = settings
@@ -93,6 +98,8 @@ class TokenManager:
         self._rng = rng or random.Random()
         self._entries: dict[Key, TokenEntry] = {}
         self._retired: set[Key] = set()  # dropped by the last retain(): never cached again
+        self._configured: set[Key] | None = None  # kept by the last retain(); None: everything asked for is wanted
+        self._pacer = Pacer(settings.prewarm_rate_per_second, clock=clock, sleep=sleep)
         self._replays: collections.Counter[str] = collections.Counter()  # by tenant id: survives a rotation
         self._closed = False
 
@@ -206,7 +213,9 @@ class TokenManager:
         )
 
     # -- the single flight --------------------------------------------------------------------------------------
-    def _start(self, entry: TokenEntry) -> None:
+    def _start(self, entry: TokenEntry, *, booked: bool = False) -> None:
+        if not booked:
+            self._pacer.take()  # someone needs this token now: it goes at once, and prewarm's next turn moves back
         entry.flight = asyncio.get_running_loop().create_task(
             self._fetch(entry), name=f"token-fetch-{entry.tenant.tenant_id}"
         )
@@ -286,19 +295,37 @@ class TokenManager:
 
     # -- start-up, reload, shutdown -----------------------------------------------------------------------------
     async def prewarm(self, tenants: Iterable[Tenant]) -> None:
-        """Fetch every tenant's first token, a bounded number at a time; failures are recorded, not raised."""
-        limit = asyncio.Semaphore(self.settings.prewarm_concurrency)
+        """Fetch each tenant's first token, ``prewarm_concurrency`` at a time, each after its turn with the pacer.
 
-        async def one(tenant: Tenant) -> None:
-            async with limit:
-                try:
-                    await self.get(tenant)
-                except (TokenRejected, TokenUnavailable):
-                    pass
-                finally:
-                    self.entry(tenant).attempted.set()
+        Failures are recorded, not raised. A tenant that got its first token meanwhile (on demand), whose credentials a
+        reload has dropped, or whose fetch is already in flight costs nothing here: 5,000 tenants are one pass over a
+        shared iterator, with no task per tenant.
+        """
+        queue = iter(list(tenants))  # a snapshot: the caller's config may be swapped by a reload meanwhile
 
-        await asyncio.gather(*(one(t) for t in tenants))
+        async def worker() -> None:
+            for tenant in queue:  # shared by the workers: each takes the next tenant when it is free
+                await self._warm(tenant)
+
+        await asyncio.gather(*(worker() for _ in range(self.settings.prewarm_concurrency)))
+
+    def _needs_warming(self, tenant: Tenant) -> bool:
+        key = tenant.credentials_key()
+        if self._closed or key in self._retired or (self._configured is not None and key not in self._configured):
+            return False
+        entry = self._entries.get(key)
+        return entry is None or (not entry.attempted.is_set() and entry.flight is None)
+
+    async def _warm(self, tenant: Tenant) -> None:
+        if not self._needs_warming(tenant):
+            return
+        await self._pacer.turn()
+        if not self._needs_warming(tenant):  # checked again: an on-demand fetch may have come first while we waited
+            return
+        entry = self.entry(tenant)
+        self._start(entry, booked=True)
+        assert entry.flight is not None
+        await asyncio.wait([entry.flight])  # its outcome is recorded on the entry; a cancelled one is a reload's
 
     def skip_prewarm(self, tenants: Iterable[Tenant]) -> None:
         """Count ``tenants`` as attempted without fetching (an app started with prewarm off, in tests)."""
@@ -316,6 +343,7 @@ class TokenManager:
         keep = {t.credentials_key() for t in tenants}
         stale = [key for key in self._entries if key not in keep]
         self._retired = set(stale)
+        self._configured = keep
         for key in stale:
             entry = self._entries.pop(key)
             if entry.flight is not None:
