@@ -13,7 +13,7 @@ import pytest
 from conftest import T1
 from cryptography import x509
 from serve_process import ServeProcess, poll_until, write_config
-from tls_helpers import client_context, make_ca
+from tls_helpers import client_context, make_ca, replace_file
 
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
 
@@ -109,14 +109,14 @@ async def test_a_renewed_ca_signs_the_next_tunnels_and_a_broken_one_is_kept_out(
     assert await leaf_verifies(proxy_url, old)
 
     renewed = make_ca(tmp_path / "renewed", "api.servicetitan.io")
-    (ca / "ca.key").write_bytes((renewed / "ca.key").read_bytes())
-    (ca / "ca.crt").write_bytes((renewed / "ca.crt").read_bytes())
+    replace_file(ca / "ca.key", (renewed / "ca.key").read_bytes())
+    replace_file(ca / "ca.crt", (renewed / "ca.crt").read_bytes())
     await proc.wait_event("forward_proxy_ca_reloaded")
     assert await leaf_verifies(proxy_url, renewed / "ca.crt")
     assert not await leaf_verifies(proxy_url, old)  # the leaves the old CA signed were dropped with it
 
     before = len(proc.with_event("config_reload_failed"))  # the renewal above may have shown a half-written pair
-    (ca / "ca.key").write_text("garbage\n")
+    replace_file(ca / "ca.key", b"garbage\n")
     failed = await proc.wait_event("config_reload_failed", count=before + 1)
     assert "forward_proxy.ca_key_file" in " ".join(failed["problems"])
     assert await leaf_verifies(proxy_url, renewed / "ca.crt")  # still the renewed CA's leaves

@@ -15,7 +15,7 @@ import pytest
 from conftest import T1
 from cryptography import x509
 from serve_process import ServeProcess, poll_until, write_config
-from tls_helpers import client_context, issue, issue_client, make_ca
+from tls_helpers import client_context, issue, issue_client, make_ca, replace_file
 
 from st_proxy.devtools.simulator import DEMO_APP_KEY, DEMO_TENANTS
 
@@ -134,12 +134,12 @@ async def test_a_broken_or_mismatched_renewal_keeps_the_old_certificate(simulato
     expiry = await expiry_metric(proc)
 
     other = issue(ca, tmp_path / "other", "localhost")
-    (server / "tls.key").write_bytes((other / "tls.key").read_bytes())  # a key that is not this certificate's
+    replace_file(server / "tls.key", (other / "tls.key").read_bytes())  # a key that is not this certificate's
     failed = await proc.wait_event("config_reload_failed")
     assert "the key does not belong to the certificate" in " ".join(failed["problems"])
     assert await serial_served(proc, ca / "ca.crt") == serial
 
-    (server / "tls.crt").write_text("not a certificate\n")
+    replace_file(server / "tls.crt", b"not a certificate\n")
     await proc.wait_event("config_reload_failed", count=2)
     assert await serial_served(proc, ca / "ca.crt") == serial
     assert await get_customers(https(proc), client_context(ca / "ca.crt")) == 200
@@ -174,7 +174,7 @@ async def test_client_certificates_are_required_and_a_removed_ca_stops_being_tru
     with pytest.raises(aiohttp.ClientError):
         await get_customers(https(proc), client_context(trust, stranger))
 
-    bundle.write_bytes((team_b / "ca.crt").read_bytes())  # team A's CA is removed
+    replace_file(bundle, (team_b / "ca.crt").read_bytes())  # team A's CA is removed
     await proc.wait_event("tls_reloaded")
     with pytest.raises(aiohttp.ClientError):
         await get_customers(https(proc), client_context(trust, client_a))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,3 +71,10 @@ async def handshake(port: int, context: ssl.SSLContext, server_hostname: str) ->
         return await reader.read(2)
     finally:
         writer.close()
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` in one rename, as cert-manager and kubelet do: a watcher never sees half a file."""
+    temporary = path.with_name(f".{path.name}.new")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
