@@ -132,6 +132,23 @@ def check_config(path: str | None, environ: Mapping[str, str]) -> int:
     return EXIT_OK
 
 
+def limits_summary(config: Config) -> list[str]:
+    """Pacing settings and where the shared state lives; a Redis URL only in its redacted form (docs/limits.md)."""
+    limits = config.limits
+    if limits is None:
+        return ["limits: off (nothing paced; upstream 429s pass through)"]
+    rate = f"{limits.rate_per_second:g}/s" if limits.rate_per_second else "unpaced"
+    reports = f"{limits.reports_per_minute:g}/min" if limits.reports_per_minute else "unpaced"
+    own = sorted((t for t in config.tenants.values() if t.rate_per_second), key=lambda t: int(t.tenant_id))
+    return [
+        f"limits: {rate} per tenant (burst {limits.burst}), max wait {limits.max_wait_seconds:g}s, "
+        f"max {limits.max_concurrent_per_tenant or 'unlimited'} concurrent per tenant, reports {reports}, "
+        f"retry_throttled {str(limits.retry_throttled).lower()}",
+        *(f"  {t.tenant_id}: rate_per_second {t.rate_per_second:g}" for t in own),
+        f"state: {config.state.describe()}",
+    ]
+
+
 def summary(config: Config) -> list[str]:
     """The redacted description printed by ``check-config``: ids, environments and secret sources, never a value."""
     routing = config.routing
@@ -150,7 +167,7 @@ def summary(config: Config) -> list[str]:
             f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
     lines.extend(tls_sections.summary_lines(config))
-    return lines + security_summary(config)
+    return lines + security_summary(config) + limits_summary(config)
 
 
 async def demo(listen: Address, admin: Address, token_ttl: float, stop: asyncio.Event) -> int:

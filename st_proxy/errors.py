@@ -7,7 +7,9 @@
     ├── CallerError                who is calling, and may it: 401 client_unauthorized, 429 client_throttled,
     │                              403 tenant_forbidden, 403 header_required (docs/security.md)
     ├── TokenError                 the tenant's token cannot be had: 502 token_rejected, 503 token_unavailable
-    └── UpstreamError              ServiceTitan cannot be reached: 502 upstream_unreachable, 504 upstream_timeout
+    ├── UpstreamError              ServiceTitan cannot be reached: 502 upstream_unreachable, 504 upstream_timeout
+    └── LimitError                 the tenant's budget has no room in time (docs/limits.md): 429 rate_limited,
+                                   503 tenant_busy, both with Retry-After
 
 Each answer is ``application/problem+json`` (RFC 9457, the shape ServiceTitan's own errors have) with ``tenant`` and
 ``request_id`` members and an ``X-ST-Proxy-Error: <code>`` header, so a caller can tell a proxy error from an upstream
@@ -118,3 +120,19 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
     title = "ServiceTitan API too slow"
+
+
+class LimitError(ProxyError):
+    pass
+
+
+class RateLimited(LimitError):
+    status = 429
+    code = "rate_limited"
+    title = "Tenant over its rate limit"
+
+
+class TenantBusy(LimitError):
+    status = 503
+    code = "tenant_busy"
+    title = "Too many requests in flight for the tenant"

@@ -21,6 +21,7 @@ from st_proxy.config import (
     from_mapping,
     load_file,
 )
+from st_proxy.config.limits import LimitsConfig, StateConfig
 from st_proxy.config.load import _SECTIONS, _TENANT_KEYS, _TOP_KEYS
 from st_proxy.config.model import BUILTIN_ENVIRONMENTS
 from st_proxy.config.values import parse_yaml
@@ -491,7 +492,7 @@ def test_empty_sections_mean_all_defaults(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "path"),
     [
-        ("limits: {}", "limits"),  # a later feature's section is unknown until it exists
+        ("quota: {}", "quota"),  # a section that does not exist
         ("security: {open: true}", "security.open"),
         ("tokens: {refresh_ahead: 60}", "tokens.refresh_ahead"),
         ("upstream: {timeout: 5}", "upstream.timeout"),
@@ -508,7 +509,7 @@ def test_unknown_keys_are_rejected_with_their_path(tmp_path, extra, path):
 def test_an_unknown_key_in_a_tenant_is_rejected_with_its_path(tmp_path):
     text = "app_key: {env: ST_APP_KEY}\ntenants: {1: {client_id: c, client_secret: {env: ST_CS}, clientsecret: x}}"
     assert problems(tmp_path, text) == [
-        "tenants.1.clientsecret: unknown key (expected one of: environment, client_id, client_secret, app_key)"
+        "tenants.1.clientsecret: unknown key (expected one of: environment, client_id, client_secret, app_key, rate_per_second)"
     ]
 
 
@@ -788,6 +789,7 @@ def test_the_complete_example_shows_every_key_with_its_default(tmp_path):
         RoutingConfig(),
     )
     assert (config.listen, config.admin_listen) == (Config.listen, Config.admin_listen)
+    assert (config.limits, config.state) == (LimitsConfig(), StateConfig())
     assert {n: {"auth_url": e.auth_url, "api_url": e.api_url} for n, e in config.environments.items()} == (
         BUILTIN_ENVIRONMENTS
     )

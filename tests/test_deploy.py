@@ -55,7 +55,11 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 
 def one(docs: list[dict], kind: str) -> dict:
-    [doc] = [d for d in docs if d["kind"] == kind]
+    """The one document of this kind; where a kit has several (the gateway's Redis), the proxy's own (st-proxy)."""
+    found = [d for d in docs if d["kind"] == kind]
+    if len(found) > 1:
+        found = [d for d in found if d["metadata"]["name"] == "st-proxy"]
+    [doc] = found
     return doc
 
 
@@ -381,6 +385,34 @@ def test_the_pod_monitor_scrapes_the_admin_port_of_both_patterns():
         assert ADMIN_PORT_NAME in {p["name"] for p in proxy_container(template["spec"])["ports"]}
 
 
+def test_the_gateway_redis_takes_only_its_password_key_and_only_st_proxy_pods_reach_it():
+    docs = render(KUBE / "gateway")
+    redis = [d for d in docs if d["metadata"]["name"] == "st-proxy-redis"]
+    assert sorted(d["kind"] for d in redis) == ["Deployment", "NetworkPolicy", "Service"]
+    deployment, policy, service = sorted(redis, key=lambda d: d["kind"])
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [env] = container["env"]
+    secret = yaml.safe_load((KUBE / "secret.example.yaml").read_text())
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], "redis_password")
+    assert "$(REDIS_PASSWORD)" in container["args"] and not any(v.get("secret") for v in pod["volumes"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
+
+    config = embedded_config(docs)
+    url = config["state"]["redis_url"]
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    assert config["state"]["password"] == {"file": "/run/secrets/st/redis_password"}
+    replicas = one(docs, "Deployment")["spec"]["replicas"]
+    assert config["state"]["fallback_rate_fraction"] <= 1 / replicas  # the replicas alone stay within the budget
+
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["template"]["metadata"]["labels"]
+    [rule] = policy["spec"]["ingress"]
+    proxy_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert [peer["podSelector"]["matchLabels"].items() <= proxy_labels.items() for peer in rule["from"]] == [True]
+    assert [p["port"] for p in rule["ports"]] == [6379]
+
+
 # -- docker-compose ----------------------------------------------------------------------------------------------
 def compose() -> dict:
     return yaml.safe_load((COMPOSE / "docker-compose.yaml").read_text())
@@ -412,6 +444,18 @@ def test_the_compose_file_mounts_an_existing_config_whose_secrets_exist_and_whic
     assert all(not str(port).endswith(f":{config.listen.port}") for port in proxy.get("ports", []))
     grace = int(proxy["stop_grace_period"].rstrip("s"))
     assert grace > config.shutdown.drain_seconds + config.shutdown.timeout_seconds
+
+
+def test_the_compose_redis_is_the_proxys_state_with_the_same_password_file():
+    services = compose()["services"]
+    proxy = services["st-proxy"]
+    config = yaml.safe_load(host_path("/etc/st-proxy/config.yaml", proxy["volumes"]).read_text())
+    assert config["state"]["redis_url"] == "redis://redis:6379/0"
+    password = host_path(config["state"]["password"]["file"], proxy["volumes"])
+    [mount] = services["redis"]["volumes"]
+    assert (COMPOSE / mount.split(":")[0]).resolve() == password and mount.endswith(":ro")
+    assert "ports" not in services["redis"]  # never published on the host
+    assert "redis" in proxy["depends_on"]
 
 
 def test_the_legacy_app_and_the_proxy_point_at_each_other_by_service_name_and_port():

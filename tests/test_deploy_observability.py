@@ -110,6 +110,9 @@ def test_every_alert_has_a_severity_a_summary_and_a_description_saying_what_to_c
         "STProxyDown",
         "STProxyConfigReloadFailing",
         "STProxyClientAuthFailures",
+        "STProxyRateLimitedLocally",
+        "STProxyUpstreamThrottled",
+        "STProxyStateBackendDown",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
@@ -199,7 +202,8 @@ def test_every_dashboard_query_is_valid_promql(tmp_path):
 
 
 async def test_every_metric_named_in_the_alerts_and_the_dashboard_is_served_by_the_proxy(simulator, start_proxy):
-    proxy = await start_proxy(sim_config(simulator))
+    # With limits configured: the limits' metrics exist only then, and the alerts and dashboard name them too.
+    proxy = await start_proxy(sim_config(simulator, limits={}))
     async with proxy.session.get(proxy.url + "/crm/v2/tenant/1000001/customers") as resp:
         assert resp.status == 200  # requests_total has series once a request was answered
     await settled(proxy)

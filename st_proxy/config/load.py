@@ -17,6 +17,7 @@ from typing import Any, TypeGuard
 from . import env_mode, metrics
 from . import tls as tls_sections
 from .clients import STRONG_SECRET_CHARS, Client, parse_clients
+from .limits import parse_limits, parse_state, tenant_rate
 from .model import (
     BUILTIN_ENVIRONMENTS,
     CLIENT_AUTH_METHODS,
@@ -76,8 +77,9 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 _TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
 _TOP_KEYS += ("clients", "security")  # clients.py, security.py
+_TOP_KEYS += ("limits", "state")  # limits.py
 _TOP_KEYS += ("tls", "forward_proxy")  # tls.py
-_TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key")
+_TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key", "rate_per_second")
 
 
 class _Problems:
@@ -229,8 +231,11 @@ def _tenants(
         own_key = app_key
         if "app_key" in spec:  # a scope migration: this tenant uses the new app's key (docs/servicetitan.md)
             own_key = _secret(problems, f"{path}.app_key", spec["app_key"], environ, header=True)
+        rate = tenant_rate(spec, path, problems.add)
         if environment and isinstance(client_id, str) and client_id.strip() and secret and own_key:
-            result[tenant_id] = Tenant(tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1])
+            result[tenant_id] = Tenant(
+                tenant_id, environment, client_id, secret[0], own_key[0], secret[1], own_key[1], rate
+            )
     return result
 
 
@@ -295,6 +300,10 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     if ca_file and not Path(ca_file).is_file():
         problems.add("upstream.ca_file", f"file {ca_file} does not exist")
     tls_config = tls_sections.parse(problems, raw)
+    limits = parse_limits(raw.get("limits"), problems.add)
+    state = parse_state(
+        raw.get("state"), problems.add, lambda path, ref: _secret(problems, path, ref, environ), problems.base
+    )
     prefix = sections["tokens"].authorization_prefix
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
@@ -331,6 +340,8 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         **tls_config,
         clients=MappingProxyType(dict(clients)),
         security=security,
+        limits=limits,
+        state=state,
     )
 
 

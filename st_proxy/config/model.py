@@ -12,6 +12,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .clients import Client
+from .limits import LimitsConfig, StateConfig
 from .metrics import MetricsConfig
 from .secrets import Secret, SecretRef
 from .security import SecurityConfig
@@ -60,6 +61,7 @@ class Tenant:
     app_key: Secret
     client_secret_ref: SecretRef
     app_key_ref: SecretRef
+    rate_per_second: float | None = None  # this tenant's own limits.rate_per_second (docs/limits.md)
 
     def credentials_key(self) -> tuple[str, str, str, str]:
         """What a token is minted from: a change in any part means a token must not be reused (docs/tokens.md)."""
@@ -119,5 +121,7 @@ class Config:
     clients: Mapping[str, Client] = field(default_factory=lambda: MappingProxyType({}))  # docs/security.md
     security: SecurityConfig = SecurityConfig()
     metrics: MetricsConfig = MetricsConfig()
+    limits: LimitsConfig | None = None  # None: nothing paced or capped (docs/limits.md)
+    state: StateConfig = StateConfig()
     tls: TLSConfig | None = None  # TLS on the data port (tls.py); None: plain HTTP
     forward_proxy: ForwardProxyConfig | None = None  # the HTTPS_PROXY mode (tls.py); None: off

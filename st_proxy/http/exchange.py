@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 CALLER_GONE = 499  # nginx's "client closed request": logged and counted, never sent (nobody is listening)
 
 
@@ -18,6 +20,7 @@ class Exchange:
         "claimed",
         "client",
         "error",
+        "release",
         "request_id",
         "status",
         "tenant",
@@ -36,3 +39,4 @@ class Exchange:
         self.answering = False  # the answer's status line has gone to the caller: no other answer can follow
         self.client: str | None = None  # the authenticated client's name (docs/security.md)
         self.claimed: str | None = None  # a configured client name the caller presented, authenticated or not
+        self.release: Callable[[], None] | None = None  # what the request holds until it ends (a concurrency slot)

@@ -2,8 +2,8 @@
 
 The request path, as steps (docs/architecture.md):
 
-    require header -> check target -> authenticate -> route -> authorize -> look up tenant -> read body -> token
-    -> send (and replay) -> relay
+    require header -> check target -> authenticate -> route -> authorize -> look up tenant -> limit -> read body
+    -> token -> send (and replay) -> relay
 
 ``POST /connect/token`` is answered by the local token endpoint (inbound/token_endpoint.py), never forwarded.
 
@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import ProxyError, UnknownTenant
 from ..inbound import token_endpoint
 from ..inbound.gate import TOKEN_PATH, Inbound
+from ..limits.limiter import Limiter
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
 from ..tls.leaves import tunnel_host
@@ -33,6 +34,7 @@ from . import headers as hdrs
 from .body import read_body
 from .exchange import CALLER_GONE, CallerGone, Exchange
 from .inflight import InFlight
+from .limit_step import limit
 from .problems import problem_response
 from .relay import relay
 from .replay import send_with_replay
@@ -60,6 +62,7 @@ class DataHandler:
         sender: Sender,
         metrics: Metrics,
         inbound: Inbound,
+        limiter: Limiter,
         in_flight: InFlight | None = None,
     ) -> None:
         self._inbound = inbound
@@ -68,6 +71,7 @@ class DataHandler:
         self._sender = sender
         self._metrics = metrics
         self._in_flight = in_flight or InFlight()
+        self._limiter = limiter
 
     @web.middleware
     async def unroutable(self, request: web.Request, handler) -> web.StreamResponse:
@@ -110,6 +114,8 @@ class DataHandler:
             return response
         finally:
             self._in_flight.leave()
+            if ex.release is not None:  # the limit step's concurrency slot, held until the answer was relayed
+                ex.release()
             self._finish(request, ex, time.perf_counter() - started)
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
@@ -129,6 +135,7 @@ class DataHandler:
         tenant = config.tenants.get(tenant_id)
         if tenant is None:
             raise UnknownTenant(f"tenant {tenant_id} has no credentials configured here", tenant=tenant_id)
+        admission = await limit(self._limiter, request, config, tenant, ex)
         body, replayable = await read_body(
             request,
             keep_up_to=config.tokens.replay_body_limit_bytes,
@@ -137,8 +144,11 @@ class DataHandler:
         )
         tokens = self._tokens()
         token = await tokens.get(tenant)
-        upstream, head = await send_with_replay(
-            self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
+        upstream, head = await admission.send(  # an upstream 429 holds the budget (docs/limits.md)
+            lambda: send_with_replay(
+                self._sender, tokens, self._metrics, request, config, tenant, token, body, replayable, ex
+            ),
+            replayable=replayable,
         )
         return await relay(request, upstream, tenant, ex, self._sender, head=head)
 

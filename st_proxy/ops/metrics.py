@@ -103,6 +103,7 @@ class Metrics:
         # that removes many of 5,000 tenants stays linear.
         self._request_series: dict[str, set[tuple[str, str]]] = {}
         histogram_labels = ["tenant"] if tenant_histograms else []
+        self._more_fixed: list[Callable[[str], Iterable[tuple[object, tuple[str, ...]]]]] = []
         r = self.registry
         self.requests = Counter(
             "st_proxy_requests",
@@ -187,8 +188,18 @@ class Metrics:
                 metric.labels(*labels)
             yield
 
+    def add_fixed_series(self, series: Callable[[str], Iterable[tuple[object, tuple[str, ...]]]]) -> None:
+        """More per-tenant fixed series (a subsystem's own metrics, e.g. limits/metrics.py), created now for every
+        configured tenant and kept in step with ``set_tenants``."""
+        self._more_fixed.append(series)
+        for tenant in sorted(self._tenants):
+            for metric, labels in series(tenant):
+                metric.labels(*labels)  # type: ignore[attr-defined]
+
     def _fixed_series(self, tenant: str):
         """Every per-tenant series with fixed label values (docs/operations.md: they exist from start, at zero)."""
+        for more in self._more_fixed:
+            yield from more(tenant)
         if self.tenant_histograms:
             yield self.request_duration, (tenant,)
             yield self.token_fetch_duration, (tenant,)

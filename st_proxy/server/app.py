@@ -22,6 +22,11 @@ from ..http.handler import DataHandler
 from ..http.headers import server_header
 from ..http.send import Sender
 from ..inbound.gate import INBOUND, Inbound
+from ..limits.budget import LocalBudgets
+from ..limits.limiter import Limiter
+from ..limits.redis_state import RedisBudgets
+from ..limits.redis_state import client as redis_client
+from ..limits.state import PacingState
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
 from ..upstream.egress import EgressProxies
@@ -70,14 +75,28 @@ def create_app(
     rng: random.Random | None = None,
     prewarm: bool = True,
     environ: Mapping[str, str] | None = None,
-    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> web.Application:
     """The data-plane app. ``create_admin_app(app[RUNTIME])`` gives its admin app.
 
-    ``sleep`` is how prewarm waits for its turn (``upstream/pacing.py``): a test pairs it with its ``clock``.
+    ``sleep`` is how prewarm waits for its turn (``upstream/pacing.py``) and how a request waits for a rate or
+    concurrency slot (``limits/``): a test pairs it with its ``clock``.
     """
-    metrics = Metrics(registry, clock=clock, tenant_histograms=config.metrics.tenant_histograms)
+    tenant_histograms = config.metrics.tenant_histograms  # fixed at start (reload.FIXED_AT_START)
+    metrics = Metrics(registry, clock=clock, tenant_histograms=tenant_histograms)
     runtime = Runtime(ConfigHolder(config), metrics, clock=clock)
+    state = config.state  # fixed at start (reload.FIXED_AT_START)
+    limiter = Limiter(
+        PacingState(
+            LocalBudgets(clock), timeout=state.timeout_ms / 1000, fallback_fraction=state.fallback_rate_fraction
+        ),
+        runtime.metrics,
+        clock=clock,
+        sleep=sleep,
+        tenant_histograms=tenant_histograms,
+    )
+    if config.limits is not None:
+        limiter.ensure_metrics()  # the limits' series exist from the first scrape
     egress = EgressProxies(os.environ if environ is None else environ)
     runtime.metrics.set_tenants(config.tenants)
     runtime.metrics.clients.set_clients(config.clients)
@@ -104,6 +123,8 @@ def create_app(
             client, current.tokens, clock=clock, observer=runtime.metrics, rng=rng, sleep=sleep
         )
         runtime.ready_by = clock() + current.tokens.prewarm_ready_seconds
+        if state.redis_url:
+            await limiter.state.start(RedisBudgets(redis_client(state), state.key_prefix))
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             runtime.tokens.skip_prewarm(current.tenants.values())
@@ -112,6 +133,7 @@ def create_app(
             warm.cancel()
             await asyncio.gather(warm, return_exceptions=True)
         await runtime.tokens.close()
+        await limiter.state.close()
         await runtime.api_session.close()
         await runtime.token_session.close()
 
@@ -122,6 +144,7 @@ def create_app(
         metrics=runtime.metrics,
         inbound=(inbound := Inbound(metrics=runtime.metrics.clients, clock=clock)),
         in_flight=runtime.in_flight,
+        limiter=limiter,
     )
     # auto_decompress=False: aiohttp's server otherwise inflates a gzip request body before the handler sees it, and
     # the proxy would forward plain bytes under the caller's `Content-Encoding: gzip` (bodies pass untouched).

@@ -10,9 +10,9 @@ failed validation, a missing secret file) is logged on one line with every probl
 ``st_proxy_config_reloads_total{result="failure"}``, and the previous config stays in force.
 
 What a reload cannot change: the sockets are bound and the client sessions, token client and shutdown timeouts are
-built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens``, ``shutdown`` and ``metrics`` (the metric
-families' label names are fixed once registered) keep their start-up values until a restart; a reload that changes
-them says so in a warning and applies everything else.
+built once at start, so ``listen``, ``admin_listen``, ``upstream``, ``tokens``, ``shutdown``, ``metrics`` (the metric
+families' label names are fixed once registered) and ``state`` (the Redis connection, docs/limits.md) keep their
+start-up values until a restart; a reload that changes them says so in a warning and applies everything else.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..upstream.tokens import TokenManager
 
 log = logging.getLogger("st_proxy.reload")
 
-FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown", "metrics")
+FIXED_AT_START = ("listen", "admin_listen", "upstream", "tokens", "shutdown", "metrics", "state")
 DEFAULT_POLL_SECONDS = 1.0
 
 
