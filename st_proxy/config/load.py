@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, TypeGuard
 
 from . import env_mode, metrics
+from . import tls as tls_sections
 from .clients import STRONG_SECRET_CHARS, Client, parse_clients
 from .limits import parse_limits, parse_state, tenant_rate
 from .model import (
@@ -77,6 +78,7 @@ _SECTIONS: dict[str, tuple[type, dict[str, Any]]] = {
 _TOP_KEYS = ("listen", "admin_listen", "app_key", "environments", "routing", "tenants", *_SECTIONS)
 _TOP_KEYS += ("clients", "security")  # clients.py, security.py
 _TOP_KEYS += ("limits", "state")  # limits.py
+_TOP_KEYS += ("tls", "forward_proxy")  # tls.py
 _TENANT_KEYS = ("environment", "client_id", "client_secret", "app_key", "rate_per_second")
 
 
@@ -297,6 +299,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
     if ca_file and not Path(ca_file).is_file():
         problems.add("upstream.ca_file", f"file {ca_file} does not exist")
+    tls_config = tls_sections.parse(problems, raw)
     limits = parse_limits(raw.get("limits"), problems.add)
     state = parse_state(
         raw.get("state"), problems.add, lambda path, ref: _secret(problems, path, ref, environ), problems.base
@@ -305,7 +308,19 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in prefix):
         problems.add("tokens.authorization_prefix", "must not contain control characters (it starts a header value)")
 
-    clients, security = _callers(problems, raw, environ, addresses.get("listen"))
+    tls = tls_config["tls"]
+    # A client_ca_file that failed to load has its own problem above; the rule judges what the config asks for.
+    mtls = tls_sections.authenticates_callers(tls) or bool(
+        isinstance(raw.get("tls"), Mapping) and raw["tls"].get("client_ca_file")
+    )
+    clients, security = _callers(
+        problems, raw, environ, addresses.get("listen"), mtls=mtls, tls=tls is not None or raw.get("tls") is not None
+    )
+    refused, warned = tls_sections.forward_proxy_exposure(
+        tls_config["forward_proxy"], clients=len(clients), security=security
+    )
+    problems.items.extend(refused)
+    problems.warnings.extend(warned)
 
     if problems.items:
         raise ConfigError(problems.items)
@@ -322,6 +337,7 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
         warnings=tuple(problems.warnings),
         secret_files=tuple(dict.fromkeys(problems.secret_files)),
         **sections,
+        **tls_config,
         clients=MappingProxyType(dict(clients)),
         security=security,
         limits=limits,
@@ -330,7 +346,13 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
 
 
 def _callers(
-    problems: _Problems, raw: Mapping[Any, Any], environ: Mapping[str, str], listen: Address | None
+    problems: _Problems,
+    raw: Mapping[Any, Any],
+    environ: Mapping[str, str],
+    listen: Address | None,
+    *,
+    mtls: bool = False,
+    tls: bool = False,
 ) -> tuple[Mapping[str, Client], SecurityConfig]:
     """``clients`` and ``security`` (clients.py, security.py), and the closed-by-default rule for the data port."""
 
@@ -340,7 +362,7 @@ def _callers(
     clients = parse_clients(raw.get("clients"), secret=secret, add=problems.add)
     security = parse_security(raw.get("security"), secret=secret, add=problems.add)
     if listen is not None and not ("clients" in raw and raw["clients"] and not clients):  # broken clients: said above
-        refused, warned = exposure(listen, clients=len(clients), client_certificates=False, security=security)
+        refused, warned = exposure(listen, clients=len(clients), client_certificates=mtls, security=security, tls=tls)
         problems.items.extend(refused)
         problems.warnings.extend(warned)
     if security.token_signing_key is None:
