@@ -14,8 +14,9 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
+from .problems import Problems
 from .security import SecurityConfig, exposure
 from .values import Address, parse_address
 
@@ -23,16 +24,6 @@ if TYPE_CHECKING:  # model.py imports this module for its section types
     from .model import Config
 
 OTHER_HOSTS = ("refuse", "tunnel")
-
-
-class _Problems(Protocol):
-    base: Path | None
-
-    def add(self, path: str, message: str) -> None: ...
-
-    def unknown_keys(self, path: str, raw: Mapping[Any, Any], allowed: Any) -> None: ...
-
-    def mapping(self, raw: object, path: str, what: str = ...) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +95,7 @@ def describe_ssl_error(exc: Exception) -> str:
     return "cannot be used"
 
 
-def _path(problems: _Problems, raw: Mapping[Any, Any], section: str, key: str, *, required: bool) -> Path | None:
+def _path(problems: Problems, raw: Mapping[Any, Any], section: str, key: str, *, required: bool) -> Path | None:
     value = raw.get(key)
     if value is None:
         if required:
@@ -122,7 +113,7 @@ def _path(problems: _Problems, raw: Mapping[Any, Any], section: str, key: str, *
     return path
 
 
-def parse_tls(problems: _Problems, raw: object) -> TLSConfig | None:
+def parse_tls(problems: Problems, raw: object) -> TLSConfig | None:
     if not problems.mapping(raw, "tls"):
         return None
     assert isinstance(raw, Mapping)
@@ -147,7 +138,7 @@ def _is_ca_error(exc: Exception) -> bool:
     return "NO_CERTIFICATE_OR_CRL_FOUND" in (getattr(exc, "reason", "") or "")
 
 
-def parse_forward_proxy(problems: _Problems, raw: object) -> ForwardProxyConfig | None:
+def parse_forward_proxy(problems: Problems, raw: object) -> ForwardProxyConfig | None:
     if not problems.mapping(raw, "forward_proxy"):
         return None
     assert isinstance(raw, Mapping)
@@ -175,7 +166,7 @@ def parse_forward_proxy(problems: _Problems, raw: object) -> ForwardProxyConfig 
     return ForwardProxyConfig(listen, cert, key, other)
 
 
-def parse(problems: _Problems, raw: Mapping[Any, Any]) -> dict[str, Any]:
+def parse(problems: Problems, raw: Mapping[Any, Any]) -> dict[str, Any]:
     """The Config fields of both sections, for ``load.from_mapping``."""
     return {
         "tls": parse_tls(problems, raw.get("tls")),
