@@ -23,6 +23,7 @@ from .config import (
     load_file,
     parse_address,
 )
+from .config import tls as tls_sections
 from .inbound.summary import security_summary
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tenant", action="append", default=[], metavar="ID:CLIENT_ID:SECRET")
     sim.add_argument("--app-key", default=None)
     sim.add_argument("--token-ttl", type=float, default=900)
+
+    from .tls import commands as certs_commands
+
+    certs_commands.add_parser(sub)
     return parser
 
 
@@ -77,6 +82,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = _parser().parse_args(argv)  # argparse exits 2 on usage errors
     environ = os.environ if environ is None else environ
     try:
+        if args.command == "certs":
+            from .tls import commands as certs_commands
+
+            return certs_commands.run(args)
         if args.command == "check-config":
             return check_config(args.config, environ)
         if args.command == "serve":
@@ -157,6 +166,7 @@ def summary(config: Config) -> list[str]:
             f"  {tenant.tenant_id}: environment {env.name} ({env.api_url}), client_id {tenant.client_id}, "
             f"client_secret from {tenant.client_secret_ref.describe()}, app_key from {tenant.app_key_ref.describe()}"
         )
+    lines.extend(tls_sections.summary_lines(config))
     return lines + security_summary(config) + limits_summary(config)
 
 

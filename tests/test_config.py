@@ -22,8 +22,9 @@ from st_proxy.config import (
     load_file,
 )
 from st_proxy.config.limits import LimitsConfig, StateConfig
-from st_proxy.config.load import _SECTIONS, _TENANT_KEYS, _TOP_KEYS
+from st_proxy.config.load import _SECTIONS, _TOP_KEYS
 from st_proxy.config.model import BUILTIN_ENVIRONMENTS
+from st_proxy.config.tenants import TENANT_KEYS as _TENANT_KEYS
 from st_proxy.config.values import parse_yaml
 
 # Distinctive values: if any of them shows up in an error or a repr, a secret leaked.

@@ -14,6 +14,7 @@ from .model import (
     TokenConfig,
     UpstreamConfig,
 )
+from .tls import ForwardProxyConfig, TLSConfig
 from .values import Address, parse_address
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "Environment",
+    "ForwardProxyConfig",
     "RoutingConfig",
     "ShutdownConfig",
+    "TLSConfig",
     "Tenant",
     "TokenConfig",
     "UpstreamConfig",

@@ -16,6 +16,7 @@ from .limits import LimitsConfig, StateConfig
 from .metrics import MetricsConfig
 from .secrets import Secret, SecretRef
 from .security import SecurityConfig
+from .tls import ForwardProxyConfig, TLSConfig
 from .values import Address
 
 BUILTIN_ENVIRONMENTS = {
@@ -122,3 +123,5 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     limits: LimitsConfig | None = None  # None: nothing paced or capped (docs/limits.md)
     state: StateConfig = StateConfig()
+    tls: TLSConfig | None = None  # TLS on the data port (tls.py); None: plain HTTP
+    forward_proxy: ForwardProxyConfig | None = None  # the HTTPS_PROXY mode (tls.py); None: off

@@ -113,13 +113,17 @@ def parse_security(raw: object, *, secret: ResolveSecret, add: Callable[[str, st
 
 
 def exposure(
-    listen: Address, *, clients: int, client_certificates: bool, security: SecurityConfig
+    listen: Address,
+    *,
+    clients: int,
+    client_certificates: bool,
+    security: SecurityConfig,
+    tls: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(problems, warnings) of the closed-by-default rule for a data port at ``listen``.
 
-    ``client_certificates``: every caller must present a certificate (mTLS). TLS is not built yet, so callers pass
-    False; the TLS section will pass whether ``tls.client_ca_file`` is set, and ``clients without TLS`` below will
-    then look at ``tls`` too.
+    ``client_certificates``: every caller must present a certificate (mTLS, ``tls.client_ca_file``). ``tls``: the
+    data port speaks TLS, so client secrets and local tokens do not cross the network in clear text.
     """
     if is_loopback(listen):
         return [], []
@@ -134,7 +138,7 @@ def exposure(
             "could connect would act with every tenant's credentials. Add clients (docs/security.md), listen on "
             "127.0.0.1, or set security.allow_unauthenticated: true"
         ], []
-    if clients:
+    if clients and not tls:
         return [], [
             f"listen: {listen} is reachable from beyond this host without TLS: client secrets and local tokens "
             "cross the network in clear text"

@@ -28,6 +28,7 @@ from ..inbound.gate import TOKEN_PATH, Inbound
 from ..limits.limiter import Limiter
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
+from ..tls.leaves import tunnel_host
 from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body
@@ -119,8 +120,10 @@ class DataHandler:
 
     async def _steps(self, request: web.Request, ex: Exchange) -> web.StreamResponse:
         config = self._config()  # one config for the whole request, even if a reload swaps it meanwhile
-        # require_header first: SSRF payloads rarely control headers (docs/security.md).
-        self._inbound.check_header(request.path, request.headers, config)
+        # require_header first: SSRF payloads rarely control headers (docs/security.md). Inside a forward-proxy
+        # tunnel the CONNECT handshake stands for the header: the app's library cannot be made to add one.
+        if tunnel_host(request) is None:
+            self._inbound.check_header(request.path, request.headers, config)
         path = check_target(request)  # the path as sent, decoded; never a normalised one
         if path == TOKEN_PATH:
             return await token_endpoint.answer(request, config, self._inbound, ex)

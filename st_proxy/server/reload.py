@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
 from ..config import Config, ConfigError
+from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch, snapshots
 from ..config.load import file_refs
 from ..config.security import exposure
@@ -64,7 +65,8 @@ def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
     changed = [name for name in FIXED_AT_START if getattr(old, name) != getattr(new, name)]
     if changed:
         new = replace(new, **{name: getattr(old, name) for name in changed})
-    return new, changed
+    new, listeners = tls_sections.pin_listeners(old, new)
+    return new, changed + listeners
 
 
 class Reloader:
@@ -72,6 +74,8 @@ class Reloader:
 
     ``load`` is ``None`` in no-file mode: the environment is fixed at start, so there is nothing to re-read.
     ``check_now()`` and ``reload_now()`` let tests drive it without waiting for a poll.
+    Each of ``preparers`` builds what a new config needs (a TLS context from renewed files) before anything is
+    swapped, and returns the step that puts it in place; a ``ConfigError`` from one fails the whole reload.
     """
 
     def __init__(
@@ -82,8 +86,10 @@ class Reloader:
         tokens: Callable[[], TokenManager | None],
         load: Callable[[], Config] | None,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        preparers: Sequence[Callable[[Config], Callable[[], None]]] = (),
     ) -> None:
         self.holder = holder
+        self._preparers = preparers
         self._metrics = metrics
         self._tokens = tokens
         self._load = load
@@ -173,12 +179,17 @@ class Reloader:
                 return self._failed(trigger, exc.problems)
             except Exception as exc:  # a bug must not take the running config down with it
                 return self._failed(trigger, [f"unexpected {type(exc).__name__} while loading"])
+            new, fixed = _pin_fixed(self.holder.current, new)
             self._failed_refs = ()
             refused = _still_closed(self.holder.current, new)
             if refused:
                 return self._failed(trigger, refused)
-            self._watch.add(new.secret_files)
-            self._apply(new, trigger)
+            try:
+                commits = [prepare(new) for prepare in self._preparers]
+            except ConfigError as exc:
+                return self._failed(trigger, exc.problems)
+            self._watch.add([*new.secret_files, *tls_sections.watched_files(new)])
+            self._apply(new, trigger, fixed, commits)
             # After the swap, in steps: thousands of added or removed tenants' series must not hold the loop.
             await self._metrics.set_tenants_stepwise(new.tenants)
             return True
@@ -189,6 +200,7 @@ class Reloader:
         if current.source is not None:
             paths.append(current.source)
         paths.extend(current.secret_files)
+        paths.extend(tls_sections.watched_files(current))
         paths.extend(self._failed_refs)
         return paths
 
@@ -203,9 +215,8 @@ class Reloader:
         )
         return False
 
-    def _apply(self, new: Config, trigger: str) -> None:
+    def _apply(self, new: Config, trigger: str, fixed: list[str], commits: list[Callable[[], None]]) -> None:
         old = self.holder.current
-        new, fixed = _pin_fixed(old, new)
         if fixed:
             log.warning(
                 "config reload: %s cannot change while running; keeping the values from start-up until a restart",
@@ -219,6 +230,8 @@ class Reloader:
 
         # No await between these: a request sees the old config with its tokens, or the new one, never a mix.
         self.holder.swap(new)
+        for commit in commits:
+            commit()
         self._metrics.clients.set_clients(new.clients)
         tokens = self._tokens()
         dropped = tokens.retain(new.tenants.values()) if tokens is not None else 0
@@ -253,8 +266,15 @@ class Reloader:
 def _still_closed(old: Config, new: Config) -> list[str]:
     """The closed-by-default rule against the listener that is bound (``listen`` keeps its start-up value), so a
     reload can never leave a non-loopback data port without caller authentication (docs/security.md)."""
-    refused, _ = exposure(old.listen, clients=len(new.clients), client_certificates=False, security=new.security)
-    return refused
+    refused, _ = exposure(
+        old.listen,
+        clients=len(new.clients),
+        client_certificates=tls_sections.authenticates_callers(new.tls),
+        security=new.security,
+        tls=new.tls is not None,
+    )
+    forward, _ = tls_sections.forward_proxy_exposure(new.forward_proxy, clients=len(new.clients), security=new.security)
+    return refused + forward
 
 
 def _ids(ids: Iterable[str]) -> str:

@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Mapping
 
 from aiohttp import web
@@ -71,16 +72,17 @@ async def start_site(
     *,
     shutdown_timeout: float = 60.0,
     runner_class: Callable[..., web.BaseRunner] = web.AppRunner,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.BaseRunner, Address]:
     """Serve ``app`` on ``address`` through ``runner_class``: the router (web.AppRunner, the admin app) or the data
-    port's low-level server (data_port.DataRunner)."""
+    port's low-level server (data_port.DataRunner); with ``ssl_context``, over TLS (tls/server_context.py)."""
     # handler_cancellation: a caller that hangs up cancels its handler, and with it the upstream exchange, which would
     # otherwise run on for up to read_timeout holding a pooled connection (aiohttp's default is False since 3.8.1).
     runner = runner_class(
         app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, handler_cancellation=True
     )
     await runner.setup()
-    site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    site = web.TCPSite(runner, address.host, address.port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:
@@ -115,10 +117,12 @@ async def serve(
     so probes see the 503.
     SIGINT (Ctrl-C at a terminal) skips the drain delay but still lets in-flight requests finish.
     """
+    from ..tls.serving import TLSListeners
     from .app import RUNTIME, create_admin_app, create_app
     from .data_port import DataRunner
     from .reload import Reloader
 
+    listeners = TLSListeners(config, os.environ)  # ConfigError (exit 2) before anything is bound
     app = create_app(config)
     runtime = app[RUNTIME]
 
@@ -133,7 +137,11 @@ async def serve(
     app.on_response_prepare.append(close_while_draining)
     shutdown = config.shutdown  # fixed at start: a reload keeps it (reload.FIXED_AT_START)
     data_runner, data_addr = await start_site(
-        app, config.listen, shutdown_timeout=CUT_OFF_SECONDS, runner_class=DataRunner
+        app,
+        config.listen,
+        shutdown_timeout=CUT_OFF_SECONDS,
+        runner_class=DataRunner,
+        ssl_context=listeners.ssl_context,
     )
     try:
         admin_runner, admin_addr = await start_site(
@@ -142,8 +150,19 @@ async def serve(
     except OSError:
         await data_runner.cleanup()
         raise
+    try:
+        await listeners.start(lambda: runtime.holder.current, data_runner, registry=runtime.metrics.registry)
+    except OSError:
+        await admin_runner.cleanup()
+        await data_runner.cleanup()
+        raise
     reloader = Reloader(
-        runtime.holder, runtime.metrics, tokens=lambda: runtime.tokens, load=load, poll_seconds=poll_seconds
+        runtime.holder,
+        runtime.metrics,
+        tokens=lambda: runtime.tokens,
+        load=load,
+        poll_seconds=poll_seconds,
+        preparers=listeners.preparers,
     )
     reloader.start()
     # What start-up built (the config, every tenant's metric series) lives as long as the process. Moved out of the
@@ -162,6 +181,7 @@ async def serve(
             "admin_listen": str(admin_addr),
             "tenants": len(config.tenants),
             "watching": [str(p) for p in reloader.watched],
+            **listeners.log_fields(),
         },
     )
     if on_ready:
@@ -180,6 +200,7 @@ async def serve(
         await asyncio.sleep(drain)
         for site in list(data_runner.sites):
             await site.stop()  # closes the listening socket: new connections are refused from here on
+        await listeners.stop_listening()
         in_flight = len(data_runner.server.connections) if data_runner.server else 0
         log.info(
             "listener closed; waiting up to %ss for %d open connections",
@@ -198,6 +219,7 @@ async def serve(
         announce.cancel()
         runtime.draining = True
         await reloader.close()
+        await listeners.stop_listening()
         if runtime.in_flight.count:
             log.warning(
                 "shutdown timeout: cutting %d requests still in flight",
@@ -205,7 +227,8 @@ async def serve(
                 extra={"event": "shutdown_cut", "requests": runtime.in_flight.count},
             )
         runtime.in_flight.cut_off = True  # from here a cancelled request was cut by us, not left by its caller
-        await data_runner.cleanup()  # cancels what is still running
+        await data_runner.cleanup()  # cancels what is still running, tunnelled requests included
+        await listeners.close()
         await admin_runner.cleanup()
         log.info("stopped", extra={"event": "stopped"})
     return EXIT_OK

@@ -1,0 +1,79 @@
+"""Server contexts for the forward-proxy mode: one per intercepted host, signed by the local CA, kept in a bounded cache.
+
+A context carries a certificate for exactly the host the client named in ``CONNECT`` and nothing else: the listener
+never looks at the SNI the client sends inside the tunnel, so a client cannot ask for a certificate for another name.
+The contexts are ``TunnelContext`` instances that remember that host, so the data handler can tell a request that
+came through a tunnel (``tunnel_host``) from one sent to the data port directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from .certs import LocalCA, cert_pem, key_pem
+
+LEAF_DAYS = 7  # short: a leaf lives in memory only, and is made again long before it expires
+RENEW_BEFORE = datetime.timedelta(days=1)
+CACHE_SIZE = 64  # ServiceTitan's four names plus the configured environments' hosts fit many times over
+
+
+class TunnelContext(ssl.SSLContext):
+    connect_host: str = ""
+
+
+def tunnel_host(request: web.BaseRequest) -> str | None:
+    """The ``CONNECT`` host a request came through the forward proxy for, or None for a direct data-port request."""
+    transport = request.transport
+    context = transport.get_extra_info("sslcontext") if transport is not None else None
+    return context.connect_host if isinstance(context, TunnelContext) else None
+
+
+class LeafCache:
+    def __init__(
+        self,
+        ca: LocalCA,
+        *,
+        size: int = CACHE_SIZE,
+        now: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self.ca = ca
+        self._size = size
+        self._now = now
+        self._contexts: OrderedDict[str, tuple[TunnelContext, datetime.datetime]] = OrderedDict()
+        self.issued = 0  # leaves made so far (tests and the bench read it)
+
+    def __len__(self) -> int:
+        return len(self._contexts)
+
+    def context(self, host: str) -> TunnelContext:
+        """The context for ``host``, from the cache or signed now (a fraction of a millisecond; see certs.py)."""
+        now = self._now()
+        entry = self._contexts.get(host)
+        if entry is not None and now < entry[1] - RENEW_BEFORE:
+            self._contexts.move_to_end(host)
+            return entry[0]
+        cert, key = self.ca.issue([host], days=LEAF_DAYS, now=now)
+        context = TunnelContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])  # the data port's HTTP stack speaks HTTP/1.1
+        context.connect_host = host
+        # The ssl module loads keys from files only: a private directory (0700), removed as soon as it is read.
+        with tempfile.TemporaryDirectory(prefix="st-proxy-leaf-") as directory:
+            cert_file, key_file = Path(directory) / "leaf.crt", Path(directory) / "leaf.key"
+            cert_file.write_bytes(cert_pem(cert) + cert_pem(self.ca.cert))
+            key_file.touch(mode=0o600)
+            key_file.write_bytes(key_pem(key))
+            context.load_cert_chain(str(cert_file), str(key_file))
+        self._contexts[host] = (context, cert.not_valid_after_utc)
+        self._contexts.move_to_end(host)
+        while len(self._contexts) > self._size:
+            self._contexts.popitem(last=False)
+        self.issued += 1
+        return context
