@@ -24,8 +24,6 @@ from ..http.send import Sender
 from ..inbound.gate import INBOUND, Inbound
 from ..limits.budget import LocalBudgets
 from ..limits.limiter import Limiter
-from ..limits.redis_state import RedisBudgets
-from ..limits.redis_state import client as redis_client
 from ..limits.state import PacingState
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
@@ -124,7 +122,9 @@ def create_app(
         )
         runtime.ready_by = clock() + current.tokens.prewarm_ready_seconds
         if state.redis_url:
-            await limiter.state.start(RedisBudgets(redis_client(state), state.key_prefix))
+            from ..limits import redis_state  # the redis package is imported only when state is shared
+
+            await limiter.state.start(redis_state.RedisBudgets(redis_state.client(state), state.key_prefix))
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             runtime.tokens.skip_prewarm(current.tenants.values())
