@@ -24,11 +24,16 @@ SERVER = "st-proxy"
 _SANE_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
-def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def _connection_listed(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    return _listed(tuple(headers.getall("Connection", ())))
+
+
+@functools.lru_cache(maxsize=64)  # the same few values ("keep-alive", "close") on nearly every message
+def _listed(values: tuple[str, ...]) -> frozenset[str]:
     listed: set[str] = set()
-    for value in headers.getall("Connection", ()):
+    for value in values:
         listed.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return listed
+    return frozenset(listed)
 
 
 # A made-up request id: 32 hex digits, as uuid4().hex gave, but a random per-process prefix and a counter: unique

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
-from ..http.headers import server_header
+from ..http.headers import NO_AUTO_HEADERS, server_header
 from ..http.send import Sender
 from ..inbound.gate import INBOUND, Inbound
 from ..limits.budget import LocalBudgets
@@ -62,6 +62,9 @@ def _session(
         # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.
         auto_decompress=decompress,
         trust_env=False,  # HTTPS_PROXY / NO_PROXY come from egress.EgressProxies, resolved once per base URL
+        # API requests carry the caller's own headers and none that aiohttp would invent (http/headers.py). Set on the
+        # session, not per request: aiohttp turns a per-request list into a new set on every call.
+        skip_auto_headers=None if decompress else NO_AUTO_HEADERS,
     )
 
 
