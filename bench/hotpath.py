@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-requests", type=int, default=200_000, help="bound per run for the python generator")
     parser.add_argument("--json", action="store_true", help="also print the medians as one JSON line")
+    parser.add_argument(
+        "--idle-tenants",
+        type=int,
+        default=1000,
+        help="also: RSS of a proxy with this many prewarmed tenants, idle (0: no)",
+    )
 
 
 @dataclass
@@ -265,6 +271,44 @@ def start_variant(
     return Target(variant, proxy.url, proxy.child.pid, headers)
 
 
+def idle_rss(procs: common.Processes, tmp: Path, count: int, pin: list[str]) -> tuple[float, float]:
+    """(seconds until every tenant had a token, VmRSS in MiB two seconds later) for a proxy with ``count`` tenants
+    and no traffic: what a replica serving that many tenants holds at rest."""
+    from st_proxy.devtools.simulator import SimTenant
+
+    tenants = [SimTenant(str(4_000_000 + i), f"cid.idle{i}", f"cs.idle-secret-{i}") for i in range(count)]
+    sim = common.start_simulator(procs, *(f"--tenant={t.tenant_id}:{t.client_id}:{t.client_secret}" for t in tenants))
+    directory = tmp / "idle"
+    directory.mkdir()
+    data, admin = common.free_port(), common.free_port()
+    config = common.write_config(
+        directory,
+        auth_url=f"{sim.url}/connect/token",
+        api_url=sim.url,
+        tenants=tenants,
+        listen=f"127.0.0.1:{data}",
+        admin_listen=f"127.0.0.1:{admin}",
+        tokens={"prewarm_rate_per_second": 500, "prewarm_concurrency": 16},
+    )
+    argv = [*pin, *common.st_proxy_command(), "serve", "--config", str(config), "--log-level", "warning"]
+    started = time.monotonic()
+    child = procs.start("idle", argv)
+    deadline = started + 120
+    while True:
+        try:
+            listed = common.get_json(f"http://127.0.0.1:{admin}/tenants")["tenants"]
+            if sum(1 for t in listed if t["token"]["state"] == "valid") == count:
+                break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} tenants were not all warmed within 120 s")
+        time.sleep(0.2)
+    warmed = time.monotonic() - started
+    time.sleep(2)
+    return warmed, common.memory_kib(child.pid)["VmRSS"] / 1024
+
+
 # ---- load --------------------------------------------------------------------------------------------------------
 
 
@@ -347,11 +391,12 @@ def run(args: argparse.Namespace) -> int:
                     trim(procs)
         for target in targets:
             rss[target.name] = common.memory_kib(target.pid)["VmRSS"] / 1024 if target.pid else float("nan")
+        idle = idle_rss(procs, tmp, args.idle_tenants, pin) if args.idle_tenants > 0 else None
     load_after = os.getloadavg()
-    return report(args, variants, loaded, single, rss, upstream_kind, pin, load_before, load_after)
+    return report(args, variants, loaded, single, rss, idle, upstream_kind, pin, load_before, load_after)
 
 
-def report(args, variants, loaded, single, rss, upstream_kind, pin, load_before, load_after) -> int:
+def report(args, variants, loaded, single, rss, idle, upstream_kind, pin, load_before, load_after) -> int:
     def med(values) -> float:
         values = [v for v in values if v == v]  # drop NaN
         return statistics.median(values) if values else float("nan")
@@ -403,8 +448,13 @@ def report(args, variants, loaded, single, rss, upstream_kind, pin, load_before,
             f"token refresh every {args.token_ttl / 2:g} s: p99 {summary['refresh']['p99']:.2f} ms "
             f"vs {summary['log_on']['p99']:.2f} ms without (log_on)"
         )
+    if idle is not None:
+        print(
+            f"idle with {args.idle_tenants} prewarmed tenants (log_on's config otherwise): RSS {idle[1]:.1f} MiB, "
+            f"every token fetched {idle[0]:.1f} s after start"
+        )
     if args.json:
-        print(json.dumps({"summary": summary, "load_average": [load_before[0], load_after[0]]}))
+        print(json.dumps({"summary": summary, "idle": idle, "load_average": [load_before[0], load_after[0]]}))
     failed = sum(s["failed"] for s in summary.values())
     if failed:
         print(f"{failed:.0f} failed requests (non-2xx or socket errors)")
