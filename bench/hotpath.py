@@ -52,6 +52,8 @@ SCENARIO = "hotpath"
 HELP = "cost per request of st-proxy variants (log, clients, limiters, token refresh) beside nginx, interleaved"
 
 VARIANTS = ("log_on", "log_off", "basic", "local_token", "limiter", "redis", "refresh")
+# On request only: log_on on the standard library's event loop instead of uvloop (ST_PROXY_LOOP=asyncio).
+EXTRA_VARIANTS = ("asyncio",)
 NGINX = "nginx"
 CLIENT, CLIENT_SECRET = "bench-client", "bench-client-secret-0123456789abcdef"
 REDIS_PASSWORD = "bench-redis-password"
@@ -65,7 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=50, help="concurrent connections of the loaded runs")
     parser.add_argument("--latency-seconds", type=int, default=3, help="length of each one-connection run (0: none)")
     parser.add_argument("--warmup-seconds", type=int, default=1, help="an unrecorded run per variant first")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, of: {', '.join(VARIANTS + EXTRA_VARIANTS)} (asyncio: log_on on the standard loop)",
+    )
     parser.add_argument("--body-bytes", type=int, default=300, help="size of the upstream's answer")
     parser.add_argument("--token-ttl", type=float, default=6, help="token lifetime for the refresh variant (seconds)")
     parser.add_argument("--no-nginx-proxy", action="store_true", help="leave out nginx as a proxy")
@@ -257,6 +263,8 @@ def start_variant(
     level = "warning" if variant == "log_off" else "info"
     argv = [*pin, *common.st_proxy_command(), "serve", "--config", str(config), "--log-level", level]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ST_")}  # the config file only
+    if variant == "asyncio":
+        env["ST_PROXY_LOOP"] = "asyncio"
     child = procs.start(variant, argv, env=env)
     proxy = common.Proxy(child, f"http://127.0.0.1:{data}", f"http://127.0.0.1:{admin}")
     common.wait_http(f"{proxy.admin_url}/readyz")
@@ -334,9 +342,10 @@ def trim(procs: common.Processes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     variants = [v for v in str(args.variants).split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(VARIANTS) - set(EXTRA_VARIANTS)
     if unknown:
-        print(f"hotpath: unknown variants {', '.join(sorted(unknown))} (known: {', '.join(VARIANTS)})")
+        known = ", ".join(VARIANTS + EXTRA_VARIANTS)
+        print(f"hotpath: unknown variants {', '.join(sorted(unknown))} (known: {known})")
         return 2
     if "redis" in variants and not shutil.which("redis-server"):
         print("hotpath: redis-server is not installed; leaving out the redis variant")
