@@ -29,8 +29,9 @@ LOOP_VARIABLE = "ST_PROXY_LOOP"  # "asyncio": the standard library's event loop 
 
 def loop_factory(environ: Mapping[str, str] = os.environ) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's event loop when it is importable (a dependency on Linux) and ``ST_PROXY_LOOP`` is not ``asyncio``;
-    else None (asyncio's own). uvloop runs the same aiohttp code with its transports, selector and TLS in C: about 6% less
-    CPU per plain request here, and TLS on a kept-alive connection adds 14 µs instead of 65 (docs/performance.md)."""
+    else None (asyncio's own). uvloop runs the same aiohttp code with its transports, selector and TLS in C: about
+    6% less CPU per plain request here, and TLS on a kept-alive connection adds 14 µs instead of 65
+    (docs/performance.md)."""
     if environ.get(LOOP_VARIABLE, "").strip().lower() == "asyncio":
         return None
     try:
