@@ -126,10 +126,24 @@ def check_config(path: str | None, environ: Mapping[str, str]) -> int:
     config = load_config(path, environ)
     for line in summary(config):
         print(line)
-    for warning in config.warnings:
+    for warning in [*config.warnings, *_forward_proxy_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print("config ok")
     return EXIT_OK
+
+
+def _forward_proxy_warnings(config: Config) -> list[str]:
+    if config.forward_proxy is None:
+        return []
+    from .tls.forward import load_ca, unsignable
+
+    outside = unsignable(config, load_ca(config.forward_proxy))
+    if not outside:
+        return []
+    return [
+        f"forward_proxy.ca_cert_file: the CA may not sign {', '.join(outside)} (its --permit list): CONNECTs to "
+        "them will be refused; make the CA with --permit for every ServiceTitan host the apps call"
+    ]
 
 
 def limits_summary(config: Config) -> list[str]:

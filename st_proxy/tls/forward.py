@@ -35,7 +35,7 @@ from ..config import Address, Config, ConfigError, ForwardProxyConfig
 from ..config.file_watch import snapshot
 from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
 from ..ops.tls_metrics import TLSMetrics
-from .certs import CertError, LocalCA
+from .certs import CertError, LocalCA, permits
 from .leaves import LeafCache
 from .tunnel import IDLE_TIMEOUT_SECONDS, TunnelFailed, relay
 
@@ -66,6 +66,26 @@ def intercepted(config: Config) -> frozenset[tuple[str, int]]:
     return frozenset(pairs)
 
 
+def unsignable(config: Config, ca: LocalCA) -> list[str]:
+    """Intercepted host names a name-constrained local CA may not sign: CONNECTs to them will be refused.
+
+    A CA made with ``certs init --permit api.servicetitan.io`` alone cannot serve the auth host, where client
+    libraries fetch their tokens; saying so at start and in check-config beats a bare 403 at the first CONNECT.
+    """
+    permitted = ca.permitted
+    if permitted is None:
+        return []
+    hosts = sorted({host for host, _ in intercepted(config)})
+    return [host for host in hosts if not permits(_name(host), permitted)]
+
+
+def _name(host: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host
+
+
 def _answer(status: int, reason: str, code: str | None = None, detail: str = "") -> bytes:
     if code is None:
         return f"HTTP/1.1 {status} {reason}\r\n\r\n".encode()
@@ -84,6 +104,7 @@ class _Refused(Exception):
         super().__init__(detail)
         self.answer = _answer(status, reason, code, detail)
         self.code = code
+        self.detail = detail  # written by the proxy, never the request's bytes: safe for the log line
 
 
 def parse_head(head: bytes) -> tuple[str, int]:
@@ -215,7 +236,7 @@ class ForwardProxy:
         transport.write(refused.answer)
         transport.close()
         self._pending.discard(transport)
-        self._log("refused", target, started, error=refused.code)
+        self._log("refused", target, started, error=refused.code, reason=refused.detail)
 
     async def _intercept(self, transport: asyncio.Transport, host: str, port: int, started: float) -> None:
         target = f"{host}:{port}"

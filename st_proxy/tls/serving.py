@@ -6,6 +6,7 @@ proxy, stops the start with exit 2 and nothing listening.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Mapping
 
@@ -15,9 +16,11 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, ConfigError
 from ..ops.tls_metrics import TLSMetrics
 from ..upstream.egress import loops_into
-from .forward import ForwardProxy, load_ca, start_forward_proxy
+from .forward import ForwardProxy, load_ca, start_forward_proxy, unsignable
 from .leaves import LeafCache
 from .server_context import ServerTLS
+
+log = logging.getLogger("st_proxy.tls")
 
 
 class TLSListeners:
@@ -43,6 +46,13 @@ class TLSListeners:
         settings = self._config.forward_proxy
         if settings is not None:
             self.forward = await start_forward_proxy(settings, config=config, runner=runner, leaves=self._leaves)
+            outside = unsignable(config(), self.forward.leaves.ca)
+            if outside:
+                log.warning(
+                    "the forward proxy's CA may not sign %s: CONNECTs to them will be refused (certs init --permit)",
+                    ", ".join(outside),
+                    extra={"event": "forward_proxy_ca_too_narrow", "hosts": outside},
+                )
         if registry is not None and (self.server_tls is not None or self.forward is not None):
             metrics = TLSMetrics(registry, forward_proxy=self.forward is not None)
             if self.server_tls is not None:
