@@ -8,8 +8,8 @@ import os
 import re
 import signal
 
+from conftest import raw_exchange
 from test_demo import EXCHANGE, printed_lines, st_proxy
-from wire import exchange
 
 MARKER = "cs1.SECRET-IN-A-BROKEN-HEADER"
 
@@ -33,7 +33,7 @@ async def test_a_malformed_request_to_the_demo_is_one_log_line_without_its_bytes
         proxy = re.search(r"proxy at (http://\S+),", printed)
         assert proxy, printed
         # A header line without a colon: aiohttp's parser refuses it before the proxy sees a request.
-        status, _, _ = await exchange(
+        status, _, _ = await raw_exchange(
             proxy.group(1), f"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization Bearer {MARKER}\r\n\r\n".encode()
         )
         assert status == 400
