@@ -188,8 +188,8 @@ def _callers(
     def secret(path: str, ref: object) -> tuple[Secret, SecretRef] | None:
         return read_secret(problems, path, ref, environ, header=True)
 
-    clients = parse_clients(raw.get("clients"), secret=secret, add=problems.add)
-    security = parse_security(raw.get("security"), secret=secret, add=problems.add)
+    clients = parse_clients(raw.get("clients"), secret=secret, problems=problems)
+    security = parse_security(raw.get("security"), secret=secret, problems=problems)
     if listen is not None and not ("clients" in raw and raw["clients"] and not clients):  # broken clients: said above
         refused, warned = exposure(listen, clients=len(clients), client_certificates=mtls, security=security, tls=tls)
         problems.items.extend(refused)

@@ -6,12 +6,16 @@ Every parser adds to one ``Problems`` instead of raising, so a load reports ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
 from .values import describe
+
+# What a section parser is handed to read a secret reference at a path: (the secret, its reference), or None after
+# adding the problem.
+ResolveSecret = Callable[[str, object], "tuple[Secret, SecretRef] | None"]
 
 
 class Problems:
