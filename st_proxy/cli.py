@@ -27,6 +27,7 @@ from .config import tls as tls_sections
 from .inbound.summary import security_summary
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
+from .tls import commands as certs_commands
 
 EXIT_CONFIG = 2
 log = logging.getLogger("st_proxy.cli")
@@ -55,9 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tenant", action="append", default=[], metavar="ID:CLIENT_ID:SECRET")
     sim.add_argument("--app-key", default=None)
     sim.add_argument("--token-ttl", type=float, default=900)
-
-    from .tls import commands as certs_commands
-
     certs_commands.add_parser(sub)
     return parser
 
@@ -83,8 +81,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     try:
         if args.command == "certs":
-            from .tls import commands as certs_commands
-
             return certs_commands.run(args)
         if args.command == "check-config":
             return check_config(args.config, environ)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import T1, T2
 from prometheus_client.parser import text_string_to_metric_families
-from serve_process import ServeProcess, poll_until
+from serve_process import ServeProcess, no_file_environment, poll_until
 
 from st_proxy.config import load_file
 from st_proxy.devtools.simulator import DEMO_APP_KEY, SimTenant
@@ -421,17 +421,7 @@ async def test_a_running_proxy_notices_a_changed_file_without_a_signal(child, si
 
 
 async def test_sighup_to_a_proxy_in_no_file_mode_logs_that_there_is_nothing_to_re_read(simulator, tmp_path):
-    env = {
-        "ST_APP_KEY": DEMO_APP_KEY,
-        "ST_TENANT_ID": T1.tenant_id,
-        "ST_CLIENT_ID": T1.client_id,
-        "ST_CLIENT_SECRET": T1.client_secret,
-        "ST_AUTH_URL": simulator.auth_url,
-        "ST_API_URL": simulator.base_url,
-        "ST_PROXY_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_CONFIG": "",
-    }
+    env = no_file_environment(simulator, T1)
     proc = await ServeProcess.start(tmp_path, command=[sys.executable, "-m", "st_proxy", "serve"], env=env)
     try:
         assert proc.with_event("start")[0]["watching"] == []

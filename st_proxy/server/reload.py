@@ -75,7 +75,8 @@ class Reloader:
     ``load`` is ``None`` in no-file mode: the environment is fixed at start, so there is nothing to re-read.
     ``check_now()`` and ``reload_now()`` let tests drive it without waiting for a poll.
     Each of ``preparers`` builds what a new config needs (a TLS context from renewed files) before anything is
-    swapped, and returns the step that puts it in place; a ``ConfigError`` from one fails the whole reload.
+    swapped, in a worker thread like the load, and returns the step that puts it in place (run on the loop, at the
+    swap); a ``ConfigError`` from one fails the whole reload.
     """
 
     def __init__(
@@ -185,7 +186,8 @@ class Reloader:
             if refused:
                 return self._failed(trigger, refused)
             try:
-                commits = [prepare(new) for prepare in self._preparers]
+                # Off the loop too: a preparer reads and parses certificate and key files (the TLS context, the CA).
+                commits = await asyncio.to_thread(lambda: [prepare(new) for prepare in self._preparers])
             except ConfigError as exc:
                 return self._failed(trigger, exc.problems)
             self._watch.add([*new.secret_files, *tls_sections.watched_files(new)])

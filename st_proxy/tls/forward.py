@@ -33,6 +33,7 @@ from aiohttp import web
 
 from ..config import Address, Config, ConfigError, ForwardProxyConfig
 from ..config.file_watch import snapshot
+from ..http.headers import SERVER
 from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
 from ..ops.tls_metrics import TLSMetrics
 from .certs import CertError, LocalCA, permits
@@ -91,7 +92,7 @@ def _answer(status: int, reason: str, code: str | None = None, detail: str = "")
         return f"HTTP/1.1 {status} {reason}\r\n\r\n".encode()
     body = json.dumps({"type": f"{PROBLEM_TYPE}{code}", "title": reason, "status": status, "detail": detail}).encode()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nServer: st-proxy\r\nContent-Type: application/problem+json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\nContent-Type: application/problem+json\r\n"
         f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {code}\r\nConnection: close\r\n"
     )
     if status == 405:
@@ -159,6 +160,9 @@ class ForwardProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address | None = None
         self.metrics: TLSMetrics | None = None
+        # The intercepted hosts, computed once per config (``_hosts_of``), not on every CONNECT.
+        self._hosts_of: Config | None = None
+        self._hosts: frozenset[tuple[str, int]] = frozenset()
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
@@ -215,7 +219,7 @@ class ForwardProxy:
         except _Refused as bad:
             self._refuse(transport, bad, None, started)
             return
-        if (host, port) in intercepted(self._config()):
+        if (host, port) in self._intercepted():
             if rest:  # the TLS ClientHello must wait for our 200 (RFC 9110 section 9.3.6)
                 refused = _Refused(400, "Bad Request", "invalid_request", "data sent before the tunnel was set up")
                 self._refuse(transport, refused, f"{host}:{port}", started)
@@ -231,6 +235,12 @@ class ForwardProxy:
                 f"{host}:{port} is not a ServiceTitan host this proxy serves (forward_proxy.other_hosts: refuse)",
             )
             self._refuse(transport, refused, f"{host}:{port}", started)
+
+    def _intercepted(self) -> frozenset[tuple[str, int]]:
+        config = self._config()
+        if config is not self._hosts_of:  # a reload made a new config: its environments may name other hosts
+            self._hosts_of, self._hosts = config, intercepted(config)
+        return self._hosts
 
     def _refuse(self, transport: asyncio.Transport, refused: _Refused, target: str | None, started: float) -> None:
         transport.write(refused.answer)
