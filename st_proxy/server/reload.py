@@ -24,12 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from ..config import Config, ConfigError
 from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch, snapshots
-from ..config.load import file_refs
 from ..config.security import exposure
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
@@ -47,17 +44,6 @@ class ConfigHolder:
     def swap(self, config: Config) -> Config:
         old, self.current = self.current, config
         return old
-
-
-def referenced_files(config_path: Path) -> list[Path]:
-    """Every ``{file: ...}`` path the YAML names, found without validating it (a lenient parse: a config that fails
-    to load still tells which secret files to watch). The reloader itself gets them from the one parse of each
-    reload (``ConfigError.files``)."""
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    return file_refs(raw, config_path)
 
 
 def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
