@@ -89,7 +89,10 @@ async def answer(request: web.Request, config: Config, inbound: Inbound, ex: Exc
         token = PLACEHOLDER_PREFIX + random_source.token_urlsafe(24)
         return _answer(200, {"access_token": token, "token_type": "Bearer", "expires_in": ttl}, ex)
 
-    scheme, rest = split_scheme(request.headers.get("Authorization", ""))
+    authorization = request.headers.getall("Authorization", [])
+    if len(authorization) > 1:  # ambiguous, as on the data port: which credentials would be meant?
+        return _error(400, "invalid_request", "more than one Authorization header", ex)
+    scheme, rest = split_scheme(authorization[0] if authorization else "")
     via_basic = scheme.lower() == "basic"
     in_form = "client_id" in form or "client_secret" in form
     if via_basic and in_form:
