@@ -251,7 +251,7 @@ class ForwardProxy:
     async def _intercept(self, transport: asyncio.Transport, host: str, port: int, started: float) -> None:
         target = f"{host}:{port}"
         try:
-            context = self.leaves.context(host)
+            context = await self.leaves.context_off_loop(host)  # a new leaf is signed in a worker thread
         except CertError as exc:  # e.g. the CA's --permit does not cover a configured environment's host
             refused = _Refused(403, "Forbidden", "connect_refused", f"the local CA cannot sign {host}: {exc}")
             self._refuse(transport, refused, target, started)
