@@ -27,6 +27,7 @@ from .config import tls as tls_sections
 from .inbound.summary import security_summary
 from .ops import log as logsetup
 from .server.serve import EXIT_FAILURE, EXIT_OK, run_until_signalled, serve
+from .tls import commands as certs_commands
 
 EXIT_CONFIG = 2
 log = logging.getLogger("st_proxy.cli")
@@ -55,9 +56,6 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--tenant", action="append", default=[], metavar="ID:CLIENT_ID:SECRET")
     sim.add_argument("--app-key", default=None)
     sim.add_argument("--token-ttl", type=float, default=900)
-
-    from .tls import commands as certs_commands
-
     certs_commands.add_parser(sub)
     return parser
 
@@ -83,8 +81,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     try:
         if args.command == "certs":
-            from .tls import commands as certs_commands
-
             return certs_commands.run(args)
         if args.command == "check-config":
             return check_config(args.config, environ)
@@ -126,10 +122,24 @@ def check_config(path: str | None, environ: Mapping[str, str]) -> int:
     config = load_config(path, environ)
     for line in summary(config):
         print(line)
-    for warning in config.warnings:
+    for warning in [*config.warnings, *_forward_proxy_warnings(config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print("config ok")
     return EXIT_OK
+
+
+def _forward_proxy_warnings(config: Config) -> list[str]:
+    if config.forward_proxy is None:
+        return []
+    from .tls.forward import load_ca, unsignable
+
+    outside = unsignable(config, load_ca(config.forward_proxy))
+    if not outside:
+        return []
+    return [
+        f"forward_proxy.ca_cert_file: the CA may not sign {', '.join(outside)} (its --permit list): CONNECTs to "
+        "them will be refused; make the CA with --permit for every ServiceTitan host the apps call"
+    ]
 
 
 def limits_summary(config: Config) -> list[str]:

@@ -3,11 +3,10 @@ for them in logs, metrics and answers finds any leak)."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
 from urllib.parse import quote_plus
 
-from conftest import T1, T2, sim_config
+from conftest import T1, T2, basic_auth, sim_config
 
 BILLING = "billing-sync"
 BILLING_SECRET = "cl1.BILLING-secret-do-not-print-8c1f0e7a"
@@ -37,7 +36,7 @@ def clients_config(sim, *, clients: dict[str, Any] | None = None, security: dict
 def basic(name: str, secret: str, *, form_encoded: bool = False) -> dict[str, str]:
     if form_encoded:
         name, secret = quote_plus(name), quote_plus(secret)
-    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{secret}".encode()).decode()}
+    return basic_auth(name, secret)
 
 
 def bearer(token: str) -> dict[str, str]:

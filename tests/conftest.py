@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import random
@@ -207,6 +208,21 @@ def fake_upstream(aiohttp_server) -> Callable[..., Awaitable[str]]:
 
 
 RAW_DEADLINE = 10.0  # seconds: a bound on one loopback exchange, never a timing assertion
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    answer: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A loopback server whose every connection ``answer`` handles with raw bytes (for answers aiohttp's server would
+    never give: no Server header, a body cut short, not HTTP at all); yields its base URL."""
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def send_raw(url: str, request: bytes) -> bytes:

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from st_proxy.devtools.simulator import DEMO_APP_KEY
+
 DEADLINE = 20.0  # seconds: generous upper bound for a child on a loaded 2-core CI machine; never a timing assertion
 
 
@@ -110,6 +112,22 @@ async def poll_until(check, *, deadline: float = DEADLINE, interval: float = 0.0
         if loop.time() > end:
             raise AssertionError(f"{what} did not happen within {deadline}s")
         await asyncio.sleep(interval)
+
+
+def no_file_environment(simulator, tenant, **extra: str) -> dict[str, str]:
+    """The environment of a child in no-file mode (ST_* variables only) serving ``tenant`` of ``simulator``."""
+    return {
+        "ST_APP_KEY": DEMO_APP_KEY,
+        "ST_TENANT_ID": tenant.tenant_id,
+        "ST_CLIENT_ID": tenant.client_id,
+        "ST_CLIENT_SECRET": tenant.client_secret,
+        "ST_AUTH_URL": simulator.auth_url,
+        "ST_API_URL": simulator.base_url,
+        "ST_PROXY_LISTEN": "127.0.0.1:0",
+        "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
+        **extra,
+        "ST_PROXY_CONFIG": "",
+    }
 
 
 def write_config(directory: Path, *, auth_url: str, api_url: str, tenants, app_key: str, **sections: object) -> Path:

@@ -209,6 +209,19 @@ async def test_require_header_works_without_clients_too(simulator, start_proxy):
         assert resp.status == 200  # any value, any case of the name
 
 
+@pytest.mark.parametrize("path", ["/connect%2Ftoken", "/connect%2ftoken", "/connect/token%2F"])
+async def test_an_encoded_token_endpoint_path_is_not_exempt_from_require_header(simulator, start_proxy, path):
+    # aiohttp decodes %2F in request.path: the exemption must match the path as sent, or a request that is then
+    # routed (here by default_tenant) and forwarded would skip the header check.
+    config = sim_config(
+        simulator, security={"require_header": "X-ST-Proxy-Request"}, routing={"default_tenant": T1.tenant_id}
+    )
+    proxy = await start_proxy(config, prewarm=False)
+    async with proxy.session.get(proxy.url + path) as resp:
+        assert resp.status == 403 and resp.headers["X-ST-Proxy-Error"] == "header_required"
+    assert simulator.api_requests == 0
+
+
 # ---- what the metrics and the log say ---------------------------------------------------------------------------
 async def test_every_configured_client_has_its_series_from_the_start(proxy):
     scrape = Scrape(await proxy.metrics_text())

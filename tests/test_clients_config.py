@@ -12,12 +12,11 @@ import aiohttp
 import pytest
 from client_setup import basic
 from conftest import T1
-from serve_process import ServeProcess
+from serve_process import ServeProcess, no_file_environment
 
 from st_proxy.cli import main
 from st_proxy.config import ConfigError, from_environment, load_file
 from st_proxy.config.security import SecurityConfig
-from st_proxy.devtools.simulator import DEMO_APP_KEY
 
 CLIENT_SECRET = "cl1.CLIENTSECRET-do-not-print-5a9e0c3b"  # 37 characters
 SHORT_SECRET = "cl1.SHORT-9d1e2f"  # 16 characters: allowed, but check-config warns
@@ -311,18 +310,7 @@ def test_the_real_process_refuses_to_start_an_open_data_port_with_exit_2(tmp_pat
 
 
 async def test_no_file_mode_with_a_client_secret_runs_the_real_process_with_callers_authenticated(simulator):
-    env = {
-        "ST_APP_KEY": DEMO_APP_KEY,
-        "ST_TENANT_ID": T1.tenant_id,
-        "ST_CLIENT_ID": T1.client_id,
-        "ST_CLIENT_SECRET": T1.client_secret,
-        "ST_AUTH_URL": simulator.auth_url,
-        "ST_API_URL": simulator.base_url,
-        "ST_PROXY_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_CLIENT_SECRET": CLIENT_SECRET,
-        "ST_PROXY_CONFIG": "",
-    }
+    env = no_file_environment(simulator, T1, ST_PROXY_CLIENT_SECRET=CLIENT_SECRET)
     child = await ServeProcess.start(Path("unused"), command=[sys.executable, "-m", "st_proxy", "serve"], env=env)
     try:
         url = f"{child.url}/crm/v2/tenant/{T1.tenant_id}/customers"

@@ -20,6 +20,23 @@ def st_proxy() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "st_proxy"]
 
 
+async def start_demo() -> asyncio.subprocess.Process:
+    """`st-proxy demo` on free loopback ports, its output piped, without a config file from the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("ST_PROXY_CONFIG", None)
+    return await asyncio.create_subprocess_exec(
+        *st_proxy(),
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+
 async def printed_lines(proc: asyncio.subprocess.Process) -> list[str]:
     """Everything the demo prints up to and including its "Ctrl-C" line."""
     assert proc.stdout is not None
@@ -61,19 +78,7 @@ async def curl(line: str) -> tuple[int, str]:
 
 async def test_the_demo_answers_its_own_printed_curl_lines_and_stops_cleanly_on_ctrl_c():
     assert shutil.which("curl"), "the demo's instructions are curl lines; this test needs curl installed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("ST_PROXY_CONFIG", None)
-    proc = await asyncio.create_subprocess_exec(
-        *st_proxy(),
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc = await start_demo()
     try:
         printed = await printed_lines(proc)
         curls = [line.strip() for line in printed if line.strip().startswith("curl ")]

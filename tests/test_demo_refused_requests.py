@@ -4,36 +4,23 @@ traceback, and none of the request's bytes (a malformed header line could hold a
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 
-from test_demo import EXCHANGE, printed_lines, st_proxy
-from wire import exchange
+from conftest import raw_exchange
+from test_demo import EXCHANGE, printed_lines, start_demo
 
 MARKER = "cs1.SECRET-IN-A-BROKEN-HEADER"
 
 
 async def test_a_malformed_request_to_the_demo_is_one_log_line_without_its_bytes():
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("ST_PROXY_CONFIG", None)
-    proc = await asyncio.create_subprocess_exec(
-        *st_proxy(),
-        "demo",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
+    proc = await start_demo()
     try:
         printed = "\n".join(await printed_lines(proc))
         proxy = re.search(r"proxy at (http://\S+),", printed)
         assert proxy, printed
         # A header line without a colon: aiohttp's parser refuses it before the proxy sees a request.
-        status, _, _ = await exchange(
+        status, _, _ = await raw_exchange(
             proxy.group(1), f"GET /x HTTP/1.1\r\nHost: x\r\nAuthorization Bearer {MARKER}\r\n\r\n".encode()
         )
         assert status == 400

@@ -470,3 +470,22 @@ async def test_httpx_with_https_proxy_and_ssl_cert_file_from_its_environment(sim
     out, err = await asyncio.wait_for(child.communicate(), 30)
     assert child.returncode == 0, err.decode()
     assert json.loads(out)["id"] == 42
+
+
+async def test_a_host_the_ca_may_not_sign_is_refused_and_the_log_line_says_why(
+    simulator, forward_stack, tmp_path, captured_logs
+):
+    narrow = make_ca(tmp_path / "narrow", "api.servicetitan.io", "127.0.0.1")
+    stack = await forward_stack(production_at(simulator, narrow))
+    head, reader, writer = await raw_connect(stack, "auth.servicetitan.io:443")
+    assert head.startswith(b"HTTP/1.1 403 ") and b"X-ST-Proxy-Error: connect_refused" in head
+    body = json.loads(await reader.read())
+    assert "the local CA cannot sign auth.servicetitan.io" in body["detail"]
+    writer.close()
+    (line,) = [json.loads(x) for x in captured_logs().splitlines() if '"event": "connect"' in x]
+    assert (line["outcome"], line["error"], line["target"]) == (
+        "refused",
+        "connect_refused",
+        "auth.servicetitan.io:443",
+    )
+    assert line["reason"] == body["detail"]

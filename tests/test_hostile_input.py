@@ -16,13 +16,13 @@ turn slowness into a failure).
 from __future__ import annotations
 
 import asyncio
-import base64
 import socket
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import client_setup
 import pytest
 from aiohttp import web
 from client_setup import BILLING, BILLING_SECRET, OPS, OPS_SECRET, clients_config
@@ -150,11 +150,7 @@ def send(
 
 
 def basic(name: str, secret: str, *, form: bool = False) -> bytes:
-    from urllib.parse import quote_plus
-
-    if form:
-        name, secret = quote_plus(name), quote_plus(secret)
-    return b"Basic " + base64.b64encode(f"{name}:{secret}".encode())
+    return client_setup.basic(name, secret, form_encoded=form)["Authorization"].encode()
 
 
 # ---- strategies ---------------------------------------------------------------------------------------------------

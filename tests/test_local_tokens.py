@@ -26,6 +26,7 @@ from client_setup import (
     local_token,
 )
 from conftest import T1, T2, sim_config
+from multidict import CIMultiDict
 from serve_process import ServeProcess, write_config
 from test_metrics import Scrape
 
@@ -121,6 +122,14 @@ async def test_basic_and_post_at_once_are_refused_and_a_failed_basic_gets_a_basi
     headers = {**FORM, **basic(BILLING, "wrong-wrong-wrong-wrong")}
     async with proxy.session.post(token_url(proxy), data="grant_type=client_credentials", headers=headers) as resp:
         assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Basic realm="st-proxy"'
+
+
+async def test_two_authorization_headers_are_refused_as_ambiguous_like_on_the_data_port(proxy):
+    headers = CIMultiDict(FORM)
+    headers.add("Authorization", basic(BILLING, BILLING_SECRET)["Authorization"])
+    headers.add("Authorization", basic(OPS, "wrong-wrong-wrong-wrong")["Authorization"])
+    async with proxy.session.post(token_url(proxy), data="grant_type=client_credentials", headers=headers) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == "invalid_request"
 
 
 async def test_wrong_secrets_at_the_endpoint_count_toward_the_throttle(proxy):

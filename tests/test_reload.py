@@ -18,11 +18,11 @@ import pytest
 import yaml
 from conftest import T1, T2
 from prometheus_client.parser import text_string_to_metric_families
-from serve_process import ServeProcess, poll_until
+from serve_process import ServeProcess, no_file_environment, poll_until
 
-from st_proxy.config import load_file
+from st_proxy.config import ConfigError, load_file
 from st_proxy.devtools.simulator import DEMO_APP_KEY, SimTenant
-from st_proxy.server.reload import Reloader, referenced_files
+from st_proxy.server.reload import Reloader
 
 T3 = SimTenant("1000003", "cid.demo3", "cs1.demo-secret-3")
 SECRETS = (DEMO_APP_KEY, T1.client_secret, T2.client_secret, T3.client_secret)
@@ -242,9 +242,13 @@ async def test_a_secret_file_that_appears_after_its_config_is_picked_up_without_
 def test_the_watcher_finds_every_secret_file_an_unvalidated_config_names(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("app_key: {file: /run/a}\ntenants:\n  '1': {client_secret: {file: s/b}, typo: 1}\n")
-    assert referenced_files(path) == [Path("/run/a"), tmp_path / "s" / "b"]
+    with pytest.raises(ConfigError) as caught:
+        load_file(path, {})
+    assert caught.value.files == (Path("/run/a"), tmp_path / "s" / "b")
     path.write_text("tenants: [unclosed")
-    assert referenced_files(path) == []
+    with pytest.raises(ConfigError) as caught:
+        load_file(path, {})
+    assert caught.value.files == ()
 
 
 # -- invalid configs ---------------------------------------------------------------------------------------------
@@ -421,17 +425,7 @@ async def test_a_running_proxy_notices_a_changed_file_without_a_signal(child, si
 
 
 async def test_sighup_to_a_proxy_in_no_file_mode_logs_that_there_is_nothing_to_re_read(simulator, tmp_path):
-    env = {
-        "ST_APP_KEY": DEMO_APP_KEY,
-        "ST_TENANT_ID": T1.tenant_id,
-        "ST_CLIENT_ID": T1.client_id,
-        "ST_CLIENT_SECRET": T1.client_secret,
-        "ST_AUTH_URL": simulator.auth_url,
-        "ST_API_URL": simulator.base_url,
-        "ST_PROXY_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_ADMIN_LISTEN": "127.0.0.1:0",
-        "ST_PROXY_CONFIG": "",
-    }
+    env = no_file_environment(simulator, T1)
     proc = await ServeProcess.start(tmp_path, command=[sys.executable, "-m", "st_proxy", "serve"], env=env)
     try:
         assert proc.with_event("start")[0]["watching"] == []

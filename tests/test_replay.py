@@ -10,7 +10,7 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import T1, T2, sim_config
+from conftest import T1, T2, raw_server, sim_config
 from test_tokens import echo, get, metrics
 
 ECHO = f"/crm/v2/tenant/{T1.tenant_id}/echo"
@@ -178,11 +178,8 @@ async def broken_401_api():
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    yield f"http://{host}:{port}"
-    server.close()
-    await server.wait_closed()
+    async with raw_server(answer) as url:
+        yield url
 
 
 async def test_a_large_401_that_breaks_off_is_cut_off_for_the_caller_not_turned_into_a_500(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
-from conftest import T1, sim_config
+from conftest import T1, raw_server, sim_config
 
 PATH = f"/crm/v2/tenant/{T1.tenant_id}/customers"
 
@@ -25,11 +25,8 @@ async def bare_upstream() -> AsyncIterator[str]:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    host, port = server.sockets[0].getsockname()[:2]
-    yield f"http://{host}:{port}"
-    server.close()
-    await server.wait_closed()
+    async with raw_server(answer) as url:
+        yield url
 
 
 async def test_problem_answers_say_st_proxy(simulator, start_proxy):

@@ -227,3 +227,33 @@ def test_a_non_loopback_forward_proxy_needs_clients(pki):
     assert config.forward_proxy is not None and config.forward_proxy.listen == Address("0.0.0.0", 8443)
     allowed = sim_config(forward_proxy=fp, security={"allow_unauthenticated": True})
     assert any(w.startswith("forward_proxy.listen: 0.0.0.0:8443") for w in allowed.warnings)
+
+
+def test_check_config_warns_when_the_forward_proxy_ca_may_not_sign_a_host_it_intercepts(tmp_path, capsys):
+    from st_proxy.cli import main
+
+    make_ca(tmp_path / "ca", "api.servicetitan.io", "api-integration.servicetitan.io")
+    (tmp_path / "config.yaml").write_text(
+        "app_key: {value: k}\n"
+        "tenants: {'1': {client_id: c, client_secret: {env: S}}}\n"
+        "forward_proxy: {listen: '127.0.0.1:8443', ca_cert_file: ca/ca.crt, ca_key_file: ca/ca.key}\n"
+    )
+    assert main(["check-config", "--config", str(tmp_path / "config.yaml")], environ={"S": "s"}) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "may not sign" in line]
+    assert warnings == [
+        "warning: forward_proxy.ca_cert_file: the CA may not sign auth-integration.servicetitan.io, "
+        "auth.servicetitan.io (its --permit list): CONNECTs to them will be refused; make the CA with --permit for "
+        "every ServiceTitan host the apps call"
+    ]
+
+
+def test_check_config_says_nothing_of_a_ca_that_may_sign_every_intercepted_host(pki, capsys):
+    from st_proxy.cli import main
+
+    (pki / "config.yaml").write_text(
+        "app_key: {value: k}\n"
+        "tenants: {'1': {client_id: c, client_secret: {env: S}}}\n"
+        "forward_proxy: {listen: '127.0.0.1:8443', ca_cert_file: ca/ca.crt, ca_key_file: ca/ca.key}\n"
+    )
+    assert main(["check-config", "--config", str(pki / "config.yaml")], environ={"S": "s"}) == 0
+    assert "may not sign" not in capsys.readouterr().err

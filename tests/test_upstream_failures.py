@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import T1, sim_config
+from conftest import T1, raw_server, sim_config
 
 TENANT_PATH = f"/crm/v2/tenant/{T1.tenant_id}"
 
@@ -109,15 +108,10 @@ async def test_an_api_answering_garbage_gives_502_upstream_unreachable(simulator
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        proxy = await start_proxy(sim_config(simulator, api_url=f"http://127.0.0.1:{port}"))
+    async with raw_server(not_http) as api_url:
+        proxy = await start_proxy(sim_config(simulator, api_url=api_url))
         async with await get(proxy) as resp:
             await problem(resp, "upstream_unreachable", 502)
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def test_a_token_endpoint_that_refuses_connections_gives_503_token_unavailable_with_retry_after(

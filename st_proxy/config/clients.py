@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .problems import Problems, ResolveSecret
 from .secrets import Secret, SecretRef
 from .values import describe, parse_tenant_id
 
@@ -25,7 +26,6 @@ STRONG_SECRET_CHARS = 32  # below this, without token_signing_key, a leaked loca
 EVERY_TENANT = "*"
 _KEYS = ("secret", "secrets", "tenants")
 
-ResolveSecret = Callable[[str, object], "tuple[Secret, SecretRef] | None"]
 AddProblem = Callable[[str, str], None]
 
 
@@ -40,13 +40,12 @@ class Client:
         return self.tenants is None or tenant_id in self.tenants
 
 
-def parse_clients(raw: object, *, secret: ResolveSecret, add: AddProblem) -> Mapping[str, Client]:
-    """Every client, or problems through ``add`` (each with its path). ``secret`` resolves one secret reference."""
-    if raw is None:
+def parse_clients(raw: object, *, secret: ResolveSecret, problems: Problems) -> Mapping[str, Client]:
+    """Every client, or ``problems`` (each with its path). ``secret`` resolves one secret reference."""
+    if not problems.mapping(raw, "clients", "a mapping of client name to its secret and tenants"):
         return {}
-    if not isinstance(raw, Mapping):
-        add("clients", f"expected a mapping of client name to its secret and tenants, got {describe(raw)}")
-        return {}
+    assert isinstance(raw, Mapping)
+    add = problems.add
     result: dict[str, Client] = {}
     for name, spec in raw.items():
         path = f"clients.{name}" if isinstance(name, str) and CLIENT_NAME.fullmatch(name) else f"clients.{name!r}"
@@ -56,9 +55,7 @@ def parse_clients(raw: object, *, secret: ResolveSecret, add: AddProblem) -> Map
         if not isinstance(spec, Mapping):
             add(path, f"expected a mapping with secret and tenants, got {describe(spec)}")
             continue
-        for key in spec:
-            if key not in _KEYS:
-                add(f"{path}.{key}", f"unknown key (expected one of: {', '.join(_KEYS)})")
+        problems.unknown_keys(path, spec, _KEYS)
         secrets = _secrets(path, spec, secret, add)
         tenants = _tenants(path, spec.get("tenants"), "tenants" in spec, add)
         if secrets is not None and tenants is not False:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .problems import existing_file
 from .secrets import Secret, SecretRef
 from .values import describe
 
@@ -177,11 +178,7 @@ def parse_state(
             elif key == "ca_file":
                 if value is not None and (not isinstance(value, str) or not value):
                     raise ValueError(f"expected a file path or null, got {describe(value)}")
-                if value and base is not None and not Path(value).is_absolute():
-                    value = str(base / value)
-                if value and not Path(value).is_file():
-                    raise ValueError(f"file {value} does not exist")
-                values[key] = value
+                values[key] = str(existing_file(base, value)) if value else value
             elif key == "key_prefix":
                 if not isinstance(value, str) or len(value) > 64 or not value.isprintable():
                     raise ValueError("expected a printable string of at most 64 characters")

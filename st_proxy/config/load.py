@@ -26,7 +26,7 @@ from .model import (
     TokenConfig,
     UpstreamConfig,
 )
-from .problems import Problems, read_secret
+from .problems import Problems, existing_file, read_secret
 from .secrets import Secret, SecretRef
 from .security import SecurityConfig, exposure, parse_security
 from .tenants import parse_environments, parse_routing, parse_tenants
@@ -122,12 +122,12 @@ def from_mapping(raw: object, environ: Mapping[str, str], source: Path | None = 
     tenants = parse_tenants(problems, raw.get("tenants"), environments, app_key, environ)
     routing = parse_routing(problems, raw.get("routing"), raw.get("tenants"))
     sections = {name: _section(problems, name, raw.get(name)) for name in _SECTIONS}
-    ca_file = sections["upstream"].ca_file
-    if ca_file and problems.base is not None and not Path(ca_file).is_absolute():
-        ca_file = str(problems.base / ca_file)
-        sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
-    if ca_file and not Path(ca_file).is_file():
-        problems.add("upstream.ca_file", f"file {ca_file} does not exist")
+    if sections["upstream"].ca_file:
+        try:
+            ca_file = str(existing_file(problems.base, sections["upstream"].ca_file))
+            sections["upstream"] = replace(sections["upstream"], ca_file=ca_file)
+        except ValueError as exc:
+            problems.add("upstream.ca_file", str(exc))
     tls_config = tls_sections.parse(problems, raw)
     limits = parse_limits(raw.get("limits"), problems.add)
     state = parse_state(
@@ -188,8 +188,8 @@ def _callers(
     def secret(path: str, ref: object) -> tuple[Secret, SecretRef] | None:
         return read_secret(problems, path, ref, environ, header=True)
 
-    clients = parse_clients(raw.get("clients"), secret=secret, add=problems.add)
-    security = parse_security(raw.get("security"), secret=secret, add=problems.add)
+    clients = parse_clients(raw.get("clients"), secret=secret, problems=problems)
+    security = parse_security(raw.get("security"), secret=secret, problems=problems)
     if listen is not None and not ("clients" in raw and raw["clients"] and not clients):  # broken clients: said above
         refused, warned = exposure(listen, clients=len(clients), client_certificates=mtls, security=security, tls=tls)
         problems.items.extend(refused)

@@ -6,12 +6,16 @@ Every parser adds to one ``Problems`` instead of raising, so a load reports ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from .secrets import Secret, SecretError, SecretRef, parse_ref, resolve
 from .values import describe
+
+# What a section parser is handed to read a secret reference at a path: (the secret, its reference), or None after
+# adding the problem.
+ResolveSecret = Callable[[str, object], "tuple[Secret, SecretRef] | None"]
 
 
 class Problems:
@@ -46,13 +50,27 @@ def join(path: str, key: object) -> str:
     return f"{path}.{text}" if path else text
 
 
+def config_path(base: Path | None, value: str) -> Path:
+    """A path the config names: a relative one is read from the config file's directory (``base``)."""
+    path = Path(value)
+    return base / path if base is not None and not path.is_absolute() else path
+
+
+def existing_file(base: Path | None, value: str) -> Path:
+    """``config_path`` for a file that must exist now (a CA bundle, a certificate); ValueError naming the path."""
+    path = config_path(base, value)
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist")
+    return path
+
+
 def read_secret(
     problems: Problems, path: str, raw: object, environ: Mapping[str, str], *, header: bool = False
 ) -> tuple[Secret, SecretRef] | None:
     try:
         ref = parse_ref(raw)
-        if ref.kind == "file" and problems.base is not None and not Path(ref.where).is_absolute():
-            ref = SecretRef("file", str(problems.base / ref.where))
+        if ref.kind == "file":
+            ref = SecretRef("file", str(config_path(problems.base, ref.where)))
         secret = resolve(ref, environ)
     except SecretError as exc:
         problems.add(path, str(exc))

@@ -17,10 +17,11 @@ than this host can reach must authenticate its callers: with clients (or, once T
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .problems import Problems, ResolveSecret
 from .secrets import Secret, SecretRef
 from .values import HEADER_NAME, Address, describe, is_loopback
 
@@ -57,18 +58,12 @@ class SecurityConfig:
         return bool(self.expose_tenants)
 
 
-ResolveSecret = Callable[[str, object], "tuple[Secret, SecretRef] | None"]
-
-
-def parse_security(raw: object, *, secret: ResolveSecret, add: Callable[[str, str], None]) -> SecurityConfig:
-    if raw is None:
+def parse_security(raw: object, *, secret: ResolveSecret, problems: Problems) -> SecurityConfig:
+    if not problems.mapping(raw, "security"):
         return SecurityConfig()
-    if not isinstance(raw, Mapping):
-        add("security", f"expected a mapping, got {describe(raw)}")
-        return SecurityConfig()
-    for key in raw:
-        if key not in _KEYS:
-            add(f"security.{key}", f"unknown key (expected one of: {', '.join(_KEYS)})")
+    assert isinstance(raw, Mapping)
+    problems.unknown_keys("security", raw, _KEYS)
+    add = problems.add
     values: dict[str, Any] = {}
     allow = raw.get("allow_unauthenticated", False)
     if not isinstance(allow, bool):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .problems import Problems
+from .problems import Problems, existing_file
 from .security import SecurityConfig, exposure
 from .values import Address, parse_address
 
@@ -104,13 +104,11 @@ def _path(problems: Problems, raw: Mapping[Any, Any], section: str, key: str, *,
     if not isinstance(value, str) or not value:
         problems.add(f"{section}.{key}", "expected a file path")
         return None
-    path = Path(value)
-    if problems.base is not None and not path.is_absolute():
-        path = problems.base / path  # relative to the config file, like secret files
-    if not path.is_file():
-        problems.add(f"{section}.{key}", f"file {path} does not exist")
+    try:
+        return existing_file(problems.base, value)
+    except ValueError as exc:
+        problems.add(f"{section}.{key}", str(exc))
         return None
-    return path
 
 
 def parse_tls(problems: Problems, raw: object) -> TLSConfig | None:

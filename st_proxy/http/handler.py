@@ -123,7 +123,8 @@ class DataHandler:
         # require_header first: SSRF payloads rarely control headers (docs/security.md). Inside a forward-proxy
         # tunnel the CONNECT handshake stands for the header: the app's library cannot be made to add one.
         if tunnel_host(request) is None:
-            self._inbound.check_header(request.path, request.headers, config)
+            # The path as sent: aiohttp's request.path decodes %2F, and /connect%2Ftoken is not the token endpoint.
+            self._inbound.check_header(request.raw_path.partition("?")[0], request.headers, config)
         path = check_target(request)  # the path as sent, decoded; never a normalised one
         if path == TOKEN_PATH:
             return await token_endpoint.answer(request, config, self._inbound, ex)

@@ -29,15 +29,21 @@ def read_authorization(value: str | None) -> Basic | Bearer | None:
     """What the header presents, or None when there is nothing usable."""
     if not value:
         return None
-    scheme, _, rest = value.strip().partition(" ")
+    scheme, rest = split_scheme(value)
     if scheme.lower() == "bearer":
-        token = rest.strip()
-        return Bearer(token) if token else None
+        return Bearer(rest) if rest else None
     if scheme.lower() == "basic":
-        return read_basic(rest.strip())
+        return read_basic(rest)
     if not rest and looks_like_token(scheme):  # the bare token, as some ServiceTitan libraries send it
         return Bearer(scheme)
     return None
+
+
+def split_scheme(value: str) -> tuple[str, str]:
+    """(the scheme as sent, the credentials after it), both stripped. Compare the scheme case-insensitively
+    (RFC 9110 section 11.1); the credentials keep their case (a local token's base64url does)."""
+    scheme, _, rest = value.strip().partition(" ")
+    return scheme, rest.strip()
 
 
 def read_basic(encoded: str) -> Basic | None:

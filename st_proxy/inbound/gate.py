@@ -1,6 +1,7 @@
 """The data port's caller steps (docs/security.md): require_header, authenticate, authorize.
 
-    require_header -> authenticate -> (route) -> authorize -> (look up the tenant, token, send, relay)
+    require_header -> (check target) -> authenticate -> (route) -> authorize -> (look up the tenant, limit, body,
+    token, send, relay)
 
 Authentication comes before routing and before any token work; authorization before the tenant's existence is looked
 up, so a restricted client learns nothing about tenants outside its list. ``Inbound`` keeps the one piece of state

@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import ClientThrottled, ClientUnauthorized
 from ..http.exchange import Exchange
 from . import local_tokens
-from .credentials import Basic, read_basic
+from .credentials import Basic, read_basic, split_scheme
 from .gate import Inbound
 
 MAX_FORM_BYTES = 16 * 1024  # a client-credentials form is a few hundred bytes
@@ -89,14 +89,16 @@ async def answer(request: web.Request, config: Config, inbound: Inbound, ex: Exc
         token = PLACEHOLDER_PREFIX + random_source.token_urlsafe(24)
         return _answer(200, {"access_token": token, "token_type": "Bearer", "expires_in": ttl}, ex)
 
-    header = request.headers.get("Authorization", "")
-    scheme, _, rest = header.strip().partition(" ")
+    authorization = request.headers.getall("Authorization", [])
+    if len(authorization) > 1:  # ambiguous, as on the data port: which credentials would be meant?
+        return _error(400, "invalid_request", "more than one Authorization header", ex)
+    scheme, rest = split_scheme(authorization[0] if authorization else "")
     via_basic = scheme.lower() == "basic"
     in_form = "client_id" in form or "client_secret" in form
     if via_basic and in_form:
         return _error(400, "invalid_request", "use one client authentication method, not two", ex)
     if via_basic:
-        basic = read_basic(rest.strip())
+        basic = read_basic(rest)
     elif in_form:
         basic = Basic(((form.get("client_id", ""), form.get("client_secret", "")),))
     else:

@@ -74,7 +74,8 @@ class Limiter:
         state.on_error = self._state_error
 
     def ensure_metrics(self) -> LimitMetrics:
-        """The limits metrics, created the first time a config with ``limits`` is in force (start or reload)."""
+        """The limits metrics: created at start when ``limits`` is configured, else by the first request paced after
+        a reload turned ``limits`` on (the reloader does not know the limiter)."""
         if self.metrics is None:
             self.metrics = LimitMetrics(self._metrics, tenant_histograms=self._tenant_histograms)
             self.metrics.backend_up.set(1 if self.state.up else 0)

@@ -24,12 +24,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from ..config import Config, ConfigError
 from ..config import tls as tls_sections
 from ..config.file_watch import FileWatch, snapshots
-from ..config.load import file_refs
 from ..config.security import exposure
 from ..ops.metrics import Metrics
 from ..upstream.tokens import TokenManager
@@ -49,17 +46,6 @@ class ConfigHolder:
         return old
 
 
-def referenced_files(config_path: Path) -> list[Path]:
-    """Every ``{file: ...}`` path the YAML names, found without validating it (a lenient parse: a config that fails
-    to load still tells which secret files to watch). The reloader itself gets them from the one parse of each
-    reload (``ConfigError.files``)."""
-    try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    return file_refs(raw, config_path)
-
-
 def _pin_fixed(old: Config, new: Config) -> tuple[Config, list[str]]:
     """``new`` with the start-up-only sections taken from ``old``, and the names of those that differed."""
     changed = [name for name in FIXED_AT_START if getattr(old, name) != getattr(new, name)]
@@ -75,7 +61,8 @@ class Reloader:
     ``load`` is ``None`` in no-file mode: the environment is fixed at start, so there is nothing to re-read.
     ``check_now()`` and ``reload_now()`` let tests drive it without waiting for a poll.
     Each of ``preparers`` builds what a new config needs (a TLS context from renewed files) before anything is
-    swapped, and returns the step that puts it in place; a ``ConfigError`` from one fails the whole reload.
+    swapped, in a worker thread like the load, and returns the step that puts it in place (run on the loop, at the
+    swap); a ``ConfigError`` from one fails the whole reload.
     """
 
     def __init__(
@@ -185,7 +172,8 @@ class Reloader:
             if refused:
                 return self._failed(trigger, refused)
             try:
-                commits = [prepare(new) for prepare in self._preparers]
+                # Off the loop too: a preparer reads and parses certificate and key files (the TLS context, the CA).
+                commits = await asyncio.to_thread(lambda: [prepare(new) for prepare in self._preparers])
             except ConfigError as exc:
                 return self._failed(trigger, exc.problems)
             self._watch.add([*new.secret_files, *tls_sections.watched_files(new)])

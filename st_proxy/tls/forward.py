@@ -34,9 +34,10 @@ from aiohttp import web
 
 from ..config import Address, Config, ConfigError, ForwardProxyConfig
 from ..config.file_watch import snapshot
+from ..http.headers import SERVER
 from ..http.problems import ERROR_HEADER, PROBLEM_TYPE
 from ..ops.tls_metrics import TLSMetrics
-from .certs import CertError, LocalCA
+from .certs import CertError, LocalCA, permits
 from .leaves import LeafCache
 from .tunnel import IDLE_TIMEOUT_SECONDS, TunnelFailed, relay
 
@@ -67,12 +68,32 @@ def intercepted(config: Config) -> frozenset[tuple[str, int]]:
     return frozenset(pairs)
 
 
+def unsignable(config: Config, ca: LocalCA) -> list[str]:
+    """Intercepted host names a name-constrained local CA may not sign: CONNECTs to them will be refused.
+
+    A CA made with ``certs init --permit api.servicetitan.io`` alone cannot serve the auth host, where client
+    libraries fetch their tokens; saying so at start and in check-config beats a bare 403 at the first CONNECT.
+    """
+    permitted = ca.permitted
+    if permitted is None:
+        return []
+    hosts = sorted({host for host, _ in intercepted(config)})
+    return [host for host in hosts if not permits(_name(host), permitted)]
+
+
+def _name(host: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host
+
+
 def _answer(status: int, reason: str, code: str | None = None, detail: str = "") -> bytes:
     if code is None:
         return f"HTTP/1.1 {status} {reason}\r\n\r\n".encode()
     body = json.dumps({"type": f"{PROBLEM_TYPE}{code}", "title": reason, "status": status, "detail": detail}).encode()
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nServer: st-proxy\r\nContent-Type: application/problem+json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\nContent-Type: application/problem+json\r\n"
         f"Content-Length: {len(body)}\r\n{ERROR_HEADER}: {code}\r\nConnection: close\r\n"
     )
     if status == 405:
@@ -85,6 +106,7 @@ class _Refused(Exception):
         super().__init__(detail)
         self.answer = _answer(status, reason, code, detail)
         self.code = code
+        self.detail = detail  # written by the proxy, never the request's bytes: safe for the log line
 
 
 def parse_head(head: bytes) -> tuple[str, int]:
@@ -139,6 +161,9 @@ class ForwardProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: Address | None = None
         self.metrics: TLSMetrics | None = None
+        # The intercepted hosts, computed once per config (``_hosts_of``), not on every CONNECT.
+        self._hosts_of: Config | None = None
+        self._hosts: frozenset[tuple[str, int]] = frozenset()
 
     async def start(self) -> Address:
         loop = asyncio.get_running_loop()
@@ -195,7 +220,7 @@ class ForwardProxy:
         except _Refused as bad:
             self._refuse(transport, bad, None, started)
             return
-        if (host, port) in intercepted(self._config()):
+        if (host, port) in self._intercepted():
             if rest:  # the TLS ClientHello must wait for our 200 (RFC 9110 section 9.3.6)
                 refused = _Refused(400, "Bad Request", "invalid_request", "data sent before the tunnel was set up")
                 self._refuse(transport, refused, f"{host}:{port}", started)
@@ -212,16 +237,22 @@ class ForwardProxy:
             )
             self._refuse(transport, refused, f"{host}:{port}", started)
 
+    def _intercepted(self) -> frozenset[tuple[str, int]]:
+        config = self._config()
+        if config is not self._hosts_of:  # a reload made a new config: its environments may name other hosts
+            self._hosts_of, self._hosts = config, intercepted(config)
+        return self._hosts
+
     def _refuse(self, transport: asyncio.Transport, refused: _Refused, target: str | None, started: float) -> None:
         transport.write(refused.answer)
         transport.close()
         self._pending.discard(transport)
-        self._log("refused", target, started, error=refused.code)
+        self._log("refused", target, started, error=refused.code, reason=refused.detail)
 
     async def _intercept(self, transport: asyncio.Transport, host: str, port: int, started: float) -> None:
         target = f"{host}:{port}"
         try:
-            context = self.leaves.context(host)
+            context = await self.leaves.context_off_loop(host)  # a new leaf is signed in a worker thread
         except CertError as exc:  # e.g. the CA's --permit does not cover a configured environment's host
             refused = _Refused(403, "Forbidden", "connect_refused", f"the local CA cannot sign {host}: {exc}")
             self._refuse(transport, refused, target, started)

@@ -8,6 +8,7 @@ came through a tunnel (``tunnel_host``) from one sent to the data port directly.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ssl
 import tempfile
@@ -42,14 +43,24 @@ class LeafCache:
     def __len__(self) -> int:
         return len(self._contexts)
 
-    def context(self, host: str) -> TunnelContext:
-        """The context for ``host``, from the cache or signed now (a fraction of a millisecond; see certs.py)."""
-        now = self._now()
+    def cached(self, host: str) -> TunnelContext | None:
+        """The cached context for ``host`` while it is not due for renewal, else None."""
         entry = self._contexts.get(host)
-        if entry is not None and now < entry[1] - RENEW_BEFORE:
+        if entry is not None and self._now() < entry[1] - RENEW_BEFORE:
             self._contexts.move_to_end(host)
             return entry[0]
-        cert, key = self.ca.issue([host], days=LEAF_DAYS, now=now)
+        return None
+
+    def context(self, host: str) -> TunnelContext:
+        """The context for ``host``, from the cache or signed now (a fraction of a millisecond; see certs.py)."""
+        return self.cached(host) or self._store(host, *self._make(host))
+
+    async def context_off_loop(self, host: str) -> TunnelContext:
+        """``context``, with a new leaf's key generation, signing and key-file I/O in a worker thread."""
+        return self.cached(host) or self._store(host, *await asyncio.to_thread(self._make, host))
+
+    def _make(self, host: str) -> tuple[TunnelContext, datetime.datetime]:
+        cert, key = self.ca.issue([host], days=LEAF_DAYS, now=self._now())
         context = TunnelContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])  # the data port's HTTP stack speaks HTTP/1.1
@@ -61,7 +72,10 @@ class LeafCache:
             key_file.touch(mode=0o600)
             key_file.write_bytes(key_pem(key))
             context.load_cert_chain(str(cert_file), str(key_file))
-        self._contexts[host] = (context, cert.not_valid_after_utc)
+        return context, cert.not_valid_after_utc
+
+    def _store(self, host: str, context: TunnelContext, expires: datetime.datetime) -> TunnelContext:
+        self._contexts[host] = (context, expires)
         self._contexts.move_to_end(host)
         while len(self._contexts) > self._size:
             self._contexts.popitem(last=False)

@@ -6,6 +6,7 @@ proxy, stops the start with exit 2 and nothing listening.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 # forward.py, leaves.py and server_context.py load the cryptography package (about 9 MiB of RSS): imported below only
 # when `tls` or `forward_proxy` is configured.
+
+log = logging.getLogger("st_proxy.tls")
 
 
 class TLSListeners:
@@ -57,9 +60,16 @@ class TLSListeners:
     ) -> None:
         settings = self._config.forward_proxy
         if settings is not None:
-            from .forward import start_forward_proxy
+            from .forward import start_forward_proxy, unsignable
 
             self.forward = await start_forward_proxy(settings, config=config, runner=runner, leaves=self._leaves)
+            outside = unsignable(config(), self.forward.leaves.ca)
+            if outside:
+                log.warning(
+                    "the forward proxy's CA may not sign %s: CONNECTs to them will be refused (certs init --permit)",
+                    ", ".join(outside),
+                    extra={"event": "forward_proxy_ca_too_narrow", "hosts": outside},
+                )
         if registry is not None and (self.server_tls is not None or self.forward is not None):
             metrics = TLSMetrics(registry, forward_proxy=self.forward is not None)
             if self.server_tls is not None:
