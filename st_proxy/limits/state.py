@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .budget import LocalBudgets, Rate, Verdict
 
-if TYPE_CHECKING:  # the redis package is imported only by a process that shares state (about 8 MiB of RSS)
+if TYPE_CHECKING:  # the redis package is imported only by a process that shares state (several MiB of RSS)
     from .redis_state import RedisBudgets
 
 log = logging.getLogger("st_proxy.limits")

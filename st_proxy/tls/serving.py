@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .leaves import LeafCache
     from .server_context import ServerTLS
 
-# forward.py, leaves.py and server_context.py load the cryptography package (about 9 MiB of RSS): imported below only
+# forward.py, leaves.py and server_context.py load the cryptography package (several MiB of RSS): imported below only
 # when `tls` or `forward_proxy` is configured.
 
 log = logging.getLogger("st_proxy.tls")

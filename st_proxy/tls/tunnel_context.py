@@ -1,7 +1,7 @@
 """Which ``CONNECT`` host a data-port request came through (the forward-proxy mode, ``forward.py``).
 
 Its own module, without the certificate code of ``leaves.py``: the data handler asks it on every request, and a
-process that never intercepts a tunnel should not load the cryptography package (about 9 MiB of RSS) to answer no.
+process that never intercepts a tunnel should not load the cryptography package (several MiB of RSS) to answer no.
 """
 
 from __future__ import annotations
