@@ -296,7 +296,9 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[index]
 
 
-async def _drive(urls: Sequence[str], seconds: float, max_requests: int, concurrency: int) -> Load:
+async def _drive(
+    urls: Sequence[str], seconds: float, max_requests: int, concurrency: int, headers: dict[str, str] | None = None
+) -> Load:
     statuses: collections.Counter[int] = collections.Counter()
     latencies: list[float] = []
     errors = sent = 0
@@ -311,7 +313,7 @@ async def _drive(urls: Sequence[str], seconds: float, max_requests: int, concurr
                 sent += 1
                 started = time.perf_counter()
                 try:
-                    async with session.get(url) as resp:
+                    async with session.get(url, headers=headers) as resp:
                         await resp.read()
                         statuses[resp.status] += 1
                 except aiohttp.ClientError:
@@ -334,12 +336,20 @@ async def _drive(urls: Sequence[str], seconds: float, max_requests: int, concurr
     )
 
 
-def python_load(urls: str | Sequence[str], *, seconds: float, max_requests: int, concurrency: int) -> Load:
+def python_load(
+    urls: str | Sequence[str],
+    *,
+    seconds: float,
+    max_requests: int,
+    concurrency: int,
+    headers: dict[str, str] | None = None,
+) -> Load:
     """The bundled load generator (aiohttp): GETs over ``urls`` in turn, until ``seconds`` or ``max_requests``.
 
     Slower than wrk (it shares the Python interpreter's costs), but needs nothing installed.
     """
-    return asyncio.run(_drive([urls] if isinstance(urls, str) else list(urls), seconds, max_requests, concurrency))
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    return asyncio.run(_drive(urls, seconds, max_requests, concurrency, headers))
 
 
 # ---- output -----------------------------------------------------------------------------------------------------

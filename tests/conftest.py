@@ -173,7 +173,12 @@ def captured_logs() -> Callable[[], str]:
     """Everything the proxy logged during the test, as the JSON lines it would print."""
     stream = io.StringIO()
     logsetup.setup("json", "debug", stream)
-    yield stream.getvalue
+
+    def read() -> str:
+        logsetup.flush()  # access lines are written in batches (ops/log.py)
+        return stream.getvalue()
+
+    yield read
     logging.getLogger("st_proxy").handlers.clear()
 
 

@@ -191,7 +191,12 @@ async def test_a_failing_token_endpoint_logs_backing_off_once_and_recovery_once(
 def text_logs():
     stream = io.StringIO()
     logsetup.setup("text", "info", stream)
-    yield stream.getvalue
+
+    def read() -> str:
+        logsetup.flush()
+        return stream.getvalue()
+
+    yield read
     logging.getLogger("st_proxy").handlers.clear()
 
 

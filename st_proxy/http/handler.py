@@ -28,7 +28,7 @@ from ..inbound.gate import TOKEN_PATH, Inbound
 from ..limits.limiter import Limiter
 from ..ops import log as access_log
 from ..ops.metrics import Metrics
-from ..tls.leaves import tunnel_host
+from ..tls.tunnel_context import tunnel_host
 from ..upstream.tokens import TokenManager
 from . import headers as hdrs
 from .body import read_body

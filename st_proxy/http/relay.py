@@ -19,6 +19,20 @@ log = logging.getLogger("st_proxy.forwarding")
 CHUNK = 64 * 1024
 
 
+class _Relayed(web.StreamResponse):
+    """A streamed answer whose status line and headers wait for the first body bytes, so a small answer leaves in one
+    write (aiohttp 3.14 does the same for ``web.Response``; older releases ignore the attribute and send at once).
+    ``relay`` sends them on their own when no body bytes are at hand, so a caller never waits on a slow body for
+    the status line."""
+
+    _send_headers_immediately = False
+
+    def send_headers(self) -> None:
+        writer = self._payload_writer
+        if writer is not None:
+            writer.send_headers()
+
+
 async def _prefixed(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     if head:
         yield head
@@ -47,13 +61,18 @@ async def relay(
     """Stream ``upstream`` to the caller; ``head`` is what was already read of its body (a 401's first bytes)."""
     headers = hdrs.downstream_response_headers(upstream.headers, ex.request_id)
     headers.setdefault("Server", hdrs.SERVER)  # the upstream's own is kept; else aiohttp would add its versioned one
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    response = _Relayed(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None and upstream.status not in (204, 304) and upstream.status >= 200:
         response.content_length = upstream.content_length
     want_trace = upstream.status >= 400
     try:
         await response.prepare(request)
         ex.answering = True
+        # What the client has already received of the body goes out with the headers; with nothing at hand yet the
+        # headers go now, as a plain StreamResponse would send them.
+        head = head or upstream.content.read_nowait(CHUNK)
+        if not head:
+            response.send_headers()
         async for chunk in _prefixed(head, upstream.content.iter_chunked(CHUNK)):
             if want_trace and ex.bytes == 0:
                 ex.trace_id = _trace_id(chunk)

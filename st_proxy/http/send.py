@@ -65,7 +65,6 @@ class Sender:
                 headers=out_headers,
                 data=body,
                 allow_redirects=False,
-                skip_auto_headers=hdrs.NO_AUTO_HEADERS,
                 proxy=self._egress(tenant.environment.api_url),
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -27,6 +27,12 @@ def check_target(request: web.Request) -> str:
     if not origin_form(request):
         raise RequestError("only origin-form request targets (/path?query) are accepted; no CONNECT")
     raw = request.raw_path.partition("?")[0].partition("#")[0]
+    if "%" not in raw:  # nothing encoded (most requests): the same checks on the path as sent, which is the answer
+        if "//" in raw:
+            raise RequestError("the request path has an empty segment (//)")
+        if "/." in raw and any(segment in (".", "..") for segment in raw.split("/")):
+            raise RequestError("the request path has a . or .. segment (also written %2e)")
+        return raw
     # Checked as a normalising server would see it: %2e decoded to "." (RFC 3986 section 2.3: an unreserved
     # character) and even %2F to "/", as some servers do before splitting the path.
     decoded = unquote(raw).split("/")[1:]

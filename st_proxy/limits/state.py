@@ -12,18 +12,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
-
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, TypeVar
 
 from .budget import LocalBudgets, Rate, Verdict
-from .redis_state import RedisBudgets
+
+if TYPE_CHECKING:  # the redis package is imported only by a process that shares state (several MiB of RSS)
+    from .redis_state import RedisBudgets
 
 log = logging.getLogger("st_proxy.limits")
 
 PROBE_SECONDS = 1.0
 # What a failing or misbehaving Redis can raise: its errors, the socket's, our timeout, and a reply of the wrong shape.
-FAILURES = (RedisError, OSError, TimeoutError, ValueError, TypeError)
+FAILURES: tuple[type[BaseException], ...] = (OSError, TimeoutError, ValueError, TypeError)  # and RedisError: failures()
+
+
+def failures() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    return (RedisError, *FAILURES)
+
+
 T = TypeVar("T")
 
 
@@ -39,6 +47,7 @@ class PacingState:
     ) -> None:
         self._local = local
         self._shared = shared
+        self._failures = failures() if shared is not None else FAILURES
         self._timeout = timeout
         self._fraction = fallback_fraction
         self._probe_seconds = probe_seconds
@@ -55,6 +64,7 @@ class PacingState:
         """Share the budgets through ``shared`` from now on. Checked once (bounded by the timeout): a process that
         starts while Redis is down paces alone until the probe finds it."""
         self._shared = shared
+        self._failures = failures()
         if not await self._try(shared.ping):
             self._fall_back("at start")
 
@@ -101,7 +111,7 @@ class PacingState:
     async def _try(self, call: Callable[[], Awaitable[object]]) -> bool:
         try:
             await asyncio.wait_for(call(), self._timeout)
-        except FAILURES:
+        except self._failures:
             self.on_error()
             return False
         return True
@@ -109,7 +119,7 @@ class PacingState:
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T | None:
         try:
             return await asyncio.wait_for(call(), self._timeout)
-        except FAILURES as exc:
+        except self._failures as exc:
             self.on_error()
             self._fall_back(type(exc).__name__)
             return None

@@ -4,14 +4,24 @@ Records carry structured fields through ``extra={...}``; the formatters write th
 pairs (text). Lifecycle records carry an ``event`` field (start, ready, reload, token_rejected, token_backing_off,
 token_recovered, shutdown); the access line is the record of the ``st_proxy.access`` logger, one per request.
 Nothing here sees a secret: callers pass ids, codes and sizes only.
+
+The access line is the one record written per request, so it skips ``logging``'s machinery once ``setup`` has run: it
+is built straight from its fields (no ``LogRecord``, no ``Formatter``, a timestamp whose date part is formatted once
+per second) into ``AccessLog``'s buffer, which is written to the stream in one call per ``FLUSH_SECONDS`` (or sooner,
+past ``FLUSH_BYTES``), off the request's path. Nothing is dropped: the buffer is written before any other record, so
+the lines stay in order, and on every ``flush()`` of the handler (``logging.shutdown`` at exit, the second-signal
+exit in serve.py). A write that fails is reported on stderr once and counted (``AccessLog.failed_lines``), as
+``logging`` reports a failed emit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -103,10 +113,15 @@ def setup(fmt: str = "json", level: str = "info", stream: TextIO | None = None, 
     """
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
-    handler = logging.StreamHandler(stream or sys.stdout)
+    global _access_log
+    if _access_log is not None:
+        _access_log.flush()  # what the previous set-up buffered goes to its own stream
+    access_log = AccessLog(stream or sys.stdout, fmt)
+    handler = _Handler(access_log)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("st_proxy")
     root.handlers[:] = [handler]
+    _access_log = access_log
     root.setLevel(level.upper())
     root.propagate = False
     logging.getLogger("aiohttp.access").disabled = True  # our own access line replaces aiohttp's
@@ -120,5 +135,134 @@ def setup(fmt: str = "json", level: str = "info", stream: TextIO | None = None, 
             library.addFilter(_RefusedRequests(root.level))
 
 
+FLUSH_SECONDS = 0.05  # how late an access line may reach the stream
+FLUSH_BYTES = 64 * 1024  # written at once past this much, whatever the timer says
+_ENCODE = json.JSONEncoder(default=str).encode  # json.dumps(default=str) would build an encoder per call
+_access_logger = logging.getLogger(ACCESS_LOGGER)
+_st_proxy_logger = logging.getLogger("st_proxy")
+
+
+class _Stamps:
+    """``time.time()`` as the formatters write it, with the part that changes once a second formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._utc_head = self._local_head = ""
+
+    def _roll(self, second: int) -> None:
+        self._second = second
+        self._utc_head = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        self._local_head = datetime.fromtimestamp(second).strftime("%H:%M:%S.")
+
+    def utc(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._roll(second)
+        return f"{self._utc_head}{int((now - second) * 1000):03d}Z"
+
+    def local(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._roll(second)
+        return f"{self._local_head}{int((now - second) * 1000):03d}"
+
+
+class AccessLog:
+    """The access lines of one ``setup``: formatted at once, written to ``stream`` in batches (module docstring)."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        self.stream = stream
+        self.handler: logging.Handler | None = None  # the st_proxy handler writing to the same stream
+        self.failed_lines = 0
+        self._json = fmt == "json"
+        self._pending: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._stamps = _Stamps()
+
+    def line(self, fields: dict[str, object]) -> str:
+        now = time.time()
+        if self._json:
+            return _ENCODE({"time": self._stamps.utc(now), "level": "info", "logger": ACCESS_LOGGER, **fields})
+        head = (
+            f"{_text_value(fields.pop('method', None))} {_text_value(fields.pop('path', None))} "
+            f"{fields.pop('status', '-')} {fields.pop('duration_ms', '-')}ms"
+        )
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return f"{self._stamps.local(now)} info    {head}" + (f" {pairs}" if pairs else "")
+
+    def write(self, fields: dict[str, object]) -> None:
+        text = self.line(fields) + "\n"
+        self._pending.append(text)
+        self._size += len(text)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on an event loop: nothing would run the timer
+                self.flush()
+                return
+            self._timer = loop.call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        lines, self._pending, self._size = self._pending, [], 0
+        lock = self.handler.lock if self.handler is not None else None
+        try:
+            if lock is not None:
+                lock.acquire()
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            finally:
+                if lock is not None:
+                    lock.release()
+        except Exception as exc:  # like logging.Handler.handleError: say so on stderr, never raise into a request
+            self.failed_lines += len(lines)
+            if self.failed_lines == len(lines):  # the first failure only: a closed stdout would repeat it forever
+                print(
+                    f"st-proxy: could not write {len(lines)} access log lines ({type(exc).__name__})", file=sys.stderr
+                )
+
+    def active(self) -> bool:
+        """Whether the proxy's own handler still writes the ``st_proxy`` tree and access lines are enabled."""
+        return self.handler in _st_proxy_logger.handlers and _access_logger.isEnabledFor(logging.INFO)
+
+
+class _Handler(logging.StreamHandler):
+    """The ``st_proxy`` handler: writes the buffered access lines before any other record, so the order holds."""
+
+    def __init__(self, access_log: AccessLog) -> None:
+        super().__init__(access_log.stream)
+        self.access_log = access_log
+        access_log.handler = self
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.access_log.flush()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.access_log.flush()
+        super().flush()
+
+
+_access_log: AccessLog | None = None
+
+
+def flush() -> None:
+    """Write the buffered access lines now (tests read the stream right after a request)."""
+    if _access_log is not None:
+        _access_log.flush()
+
+
 def access(**fields: object) -> None:
-    logging.getLogger(ACCESS_LOGGER).info("request", extra=fields)
+    sink = _access_log
+    if sink is not None and sink.active():
+        sink.write(fields)
+    else:  # set up some other way (or not at all): an ordinary record, for whatever handlers exist
+        _access_logger.info("request", extra=fields)

@@ -19,13 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Config, UpstreamConfig
 from ..http.handler import DataHandler
-from ..http.headers import server_header
+from ..http.headers import NO_AUTO_HEADERS, server_header
 from ..http.send import Sender
 from ..inbound.gate import INBOUND, Inbound
 from ..limits.budget import LocalBudgets
 from ..limits.limiter import Limiter
-from ..limits.redis_state import RedisBudgets
-from ..limits.redis_state import client as redis_client
 from ..limits.state import PacingState
 from ..ops.admin import create_admin_app
 from ..ops.metrics import Metrics
@@ -64,6 +62,9 @@ def _session(
         # gzip on them (its default Accept-Encoding), so the token session must inflate what it asked for.
         auto_decompress=decompress,
         trust_env=False,  # HTTPS_PROXY / NO_PROXY come from egress.EgressProxies, resolved once per base URL
+        # API requests carry the caller's own headers and none that aiohttp would invent (http/headers.py). Set on the
+        # session, not per request: aiohttp turns a per-request list into a new set on every call.
+        skip_auto_headers=None if decompress else NO_AUTO_HEADERS,
     )
 
 
@@ -124,7 +125,9 @@ def create_app(
         )
         runtime.ready_by = clock() + current.tokens.prewarm_ready_seconds
         if state.redis_url:
-            await limiter.state.start(RedisBudgets(redis_client(state), state.key_prefix))
+            from ..limits import redis_state  # the redis package is imported only when state is shared
+
+            await limiter.state.start(redis_state.RedisBudgets(redis_state.client(state), state.key_prefix))
         warm = asyncio.create_task(runtime.tokens.prewarm(current.tenants.values())) if prewarm else None
         if not prewarm:
             runtime.tokens.skip_prewarm(current.tenants.values())

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 
@@ -22,6 +22,23 @@ class Stop(asyncio.Event):
     """Set by the first SIGTERM or SIGINT; ``signal`` says which one (SIGINT skips the drain delay)."""
 
     signal: signal.Signals | None = None
+
+
+LOOP_VARIABLE = "ST_PROXY_LOOP"  # "asyncio": the standard library's event loop even where uvloop is installed
+
+
+def loop_factory(environ: Mapping[str, str] = os.environ) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is importable (a dependency on Linux) and ``ST_PROXY_LOOP`` is not ``asyncio``;
+    else None (asyncio's own). uvloop runs the same aiohttp code with its transports, selector and TLS in C: about
+    6% less CPU per plain request here, and TLS on a kept-alive connection adds 14 µs instead of 65
+    (docs/performance.md)."""
+    if environ.get(LOOP_VARIABLE, "").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def run_until_signalled(body: Callable[[Stop], object]) -> int:
@@ -46,7 +63,8 @@ def run_until_signalled(body: Callable[[Stop], object]) -> int:
             loop.add_signal_handler(signum, on_signal, signum)
         return await body(stop)  # type: ignore[misc]
 
-    return asyncio.run(runner())
+    with asyncio.Runner(loop_factory=loop_factory()) as run:
+        return run.run(runner())
 
 
 async def start_site(

@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .validity import CA_DAYS, LEAF_DAYS
+
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "tls.crt", "tls.key"
-CA_DAYS = 3650
-LEAF_DAYS = 365
 BACKDATE = datetime.timedelta(hours=1)  # a client whose clock runs a little behind still accepts a fresh certificate
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DNS_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")

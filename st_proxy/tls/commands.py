@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .certs import CA_DAYS, LEAF_DAYS, CertError, LocalCA, write_ca, write_pair
+from .validity import CA_DAYS, LEAF_DAYS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 with the files written, or 2 with one line saying why not."""
+    from .certs import CertError, LocalCA, write_ca, write_pair  # cryptography: loaded for these commands only
+
     try:
         if args.days < 1:
             raise CertError("--days must be at least 1")

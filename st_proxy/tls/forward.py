@@ -27,6 +27,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -326,9 +327,9 @@ class _ConnectHead(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._proxy._pending.add(transport)
+        # A cast, not an isinstance check: uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._proxy._pending.add(self._transport)
         self._timer = asyncio.get_running_loop().call_later(self._proxy.head_timeout, self._too_slow)
 
     def _too_slow(self) -> None:

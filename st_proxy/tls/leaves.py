@@ -16,24 +16,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from aiohttp import web
-
 from .certs import LocalCA, cert_pem, key_pem
+from .tunnel_context import TunnelContext, tunnel_host
+
+__all__ = ["LeafCache", "TunnelContext", "tunnel_host"]
 
 LEAF_DAYS = 7  # short: a leaf lives in memory only, and is made again long before it expires
 RENEW_BEFORE = datetime.timedelta(days=1)
 CACHE_SIZE = 64  # ServiceTitan's four names plus the configured environments' hosts fit many times over
-
-
-class TunnelContext(ssl.SSLContext):
-    connect_host: str = ""
-
-
-def tunnel_host(request: web.BaseRequest) -> str | None:
-    """The ``CONNECT`` host a request came through the forward proxy for, or None for a direct data-port request."""
-    transport = request.transport
-    context = transport.get_extra_info("sslcontext") if transport is not None else None
-    return context.connect_host if isinstance(context, TunnelContext) else None
 
 
 class LeafCache:

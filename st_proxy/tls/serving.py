@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -16,9 +17,14 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, ConfigError
 from ..ops.tls_metrics import TLSMetrics
 from ..upstream.egress import loops_into
-from .forward import ForwardProxy, load_ca, start_forward_proxy, unsignable
-from .leaves import LeafCache
-from .server_context import ServerTLS
+
+if TYPE_CHECKING:
+    from .forward import ForwardProxy
+    from .leaves import LeafCache
+    from .server_context import ServerTLS
+
+# forward.py, leaves.py and server_context.py load the cryptography package (several MiB of RSS): imported below only
+# when `tls` or `forward_proxy` is configured.
 
 log = logging.getLogger("st_proxy.tls")
 
@@ -32,9 +38,18 @@ class TLSListeners:
         if problems:
             raise ConfigError(problems)
         self._config = config
-        self.server_tls = ServerTLS(config.tls) if config.tls is not None else None
+        self.server_tls: ServerTLS | None = None
+        if config.tls is not None:
+            from .server_context import ServerTLS
+
+            self.server_tls = ServerTLS(config.tls)
         self.forward: ForwardProxy | None = None
-        self._leaves = LeafCache(load_ca(config.forward_proxy)) if config.forward_proxy is not None else None
+        self._leaves: LeafCache | None = None
+        if config.forward_proxy is not None:
+            from .forward import load_ca
+            from .leaves import LeafCache
+
+            self._leaves = LeafCache(load_ca(config.forward_proxy))
 
     @property
     def ssl_context(self) -> ssl.SSLContext | None:
@@ -45,6 +60,8 @@ class TLSListeners:
     ) -> None:
         settings = self._config.forward_proxy
         if settings is not None:
+            from .forward import start_forward_proxy, unsignable
+
             self.forward = await start_forward_proxy(settings, config=config, runner=runner, leaves=self._leaves)
             outside = unsignable(config(), self.forward.leaves.ca)
             if outside:

@@ -8,6 +8,7 @@ direction for ``IDLE_TIMEOUT_SECONDS`` is closed, and flow control keeps at most
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 IDLE_TIMEOUT_SECONDS = 300.0
@@ -56,7 +57,7 @@ class _Half(asyncio.Protocol):
         tunnel.halves.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio.Transport
         self.transport = transport
 
     def link(self, peer: _Half) -> None:
