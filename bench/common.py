@@ -377,3 +377,25 @@ def load_row(name: str, load: Load) -> list[object]:
 
 
 LOAD_HEADER = ["", "req/s", "p50 ms", "p90 ms", "p99 ms", "requests", "failed"]
+
+
+def start_redis(procs: Processes, directory: Path | str, password: str) -> int:
+    """A throwaway redis-server on a free loopback port, no persistence; its port once it answers PING."""
+    port = free_port()
+    procs.start(
+        "redis",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password, "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, password=password)
+    deadline = time.monotonic() + START_DEADLINE
+    while True:
+        try:
+            client.ping()
+            return port
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)

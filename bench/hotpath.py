@@ -195,27 +195,6 @@ def upstream_child(port: int, body_bytes: int) -> None:
     asyncio.run(main())
 
 
-def start_redis(procs: common.Processes, tmp: Path) -> int:
-    port = common.free_port()
-    procs.start(
-        "redis",
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", REDIS_PASSWORD, "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)],
-    )  # fmt: skip
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port, password=REDIS_PASSWORD)
-    deadline = time.monotonic() + common.START_DEADLINE
-    while True:
-        try:
-            client.ping()
-            return port
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-
-
 def fetch_token(token_url: str, client_id: str, secret: str, basic: bool = False) -> str:
     form = {"grant_type": "client_credentials"}
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -361,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         upstream, upstream_kind = start_upstream(procs, tmp, args.body_bytes)
         sim = common.start_simulator(procs)
         short_sim = common.start_simulator(procs, "--token-ttl", str(args.token_ttl)) if "refresh" in variants else None
-        redis_port = start_redis(procs, tmp) if "redis" in variants else None
+        redis_port = common.start_redis(procs, tmp, REDIS_PASSWORD) if "redis" in variants else None
         targets = [
             start_variant(
                 procs,

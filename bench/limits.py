@@ -22,14 +22,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import common
 
 SCENARIO = "limits"
 HELP = "cost of the in-process and Redis limiters per request, and the rate 1-3 replicas sharing Redis hold"
@@ -43,12 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=20, help="wrk connections (per replica in part 3)")
     parser.add_argument("--rate", type=float, default=50, help="limits.rate_per_second for part 3")
     parser.add_argument("--operations", type=int, default=20000, help="limiter operations timed in part 1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, deadline: float) -> None:
@@ -72,50 +66,6 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, str]:
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non_2xx"] = errors.group(1) if errors else "0"
     return result
-
-
-class Processes:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            self.stop(proc)
-
-
-def redis_server(procs: Processes, directory: str) -> int:
-    port = free_port()
-    procs.start(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", PASSWORD, "--save", "",
-         "--appendonly", "no", "--dir", directory]
-    )  # fmt: skip
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port, password=PASSWORD)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return port
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise SystemExit("redis-server did not start") from None
-            time.sleep(0.05)
 
 
 def proxy_config(directory: Path, name: str, sim_port: int, limits: dict | None, redis_port: int | None) -> Path:
@@ -147,13 +97,13 @@ def proxy_config(directory: Path, name: str, sim_port: int, limits: dict | None,
     return path
 
 
-def serve(procs: Processes, config: Path) -> tuple[subprocess.Popen[bytes], str]:
+def serve(procs: common.Processes, config: Path) -> tuple[common.Child, str]:
     """A `st-proxy serve` on free ports; returns it and its data URL."""
-    data, admin = free_port(), free_port()
+    data, admin = common.free_port(), common.free_port()
     text = json.loads(config.read_text())
     text["listen"], text["admin_listen"] = f"127.0.0.1:{data}", f"127.0.0.1:{admin}"
     config.write_text(json.dumps(text))
-    proc = procs.start([str(BIN), "serve", "--config", str(config), "--log-level", "warning"])
+    proc = procs.start(config.stem, [str(BIN), "serve", "--config", str(config), "--log-level", "warning"])
     wait_http(f"http://127.0.0.1:{admin}/readyz", time.monotonic() + 20)
     return proc, f"http://127.0.0.1:{data}"
 
@@ -234,73 +184,69 @@ def run(args: argparse.Namespace) -> int:
         if not shutil.which(tool):
             print(f"{tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 1
-    procs = Processes()
     path = "/crm/v2/tenant/1000001/customers/42"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, common.Processes() as procs:
         directory = Path(tmp)
-        try:
-            redis_port = redis_server(procs, tmp)
-            local_us, redis_us = asyncio.run(limiter_costs(redis_port, args.operations))
-            print(f"1. limiter alone ({args.operations} in-process reservations, {args.operations // 10} via Redis)")
-            print(f"   in-process GCRA reservation: {local_us:8.2f} µs")
-            print(f"   Redis reservation (one Lua round trip on loopback): {redis_us:8.2f} µs")
-            step_us = asyncio.run(limit_step_cost(args.operations))
-            print(f"   whole limit step in-process (slot, reservation, metrics, release): {step_us:8.2f} µs")
+        redis_port = common.start_redis(procs, tmp, PASSWORD)
+        local_us, redis_us = asyncio.run(limiter_costs(redis_port, args.operations))
+        print(f"1. limiter alone ({args.operations} in-process reservations, {args.operations // 10} via Redis)")
+        print(f"   in-process GCRA reservation: {local_us:8.2f} µs")
+        print(f"   Redis reservation (one Lua round trip on loopback): {redis_us:8.2f} µs")
+        step_us = asyncio.run(limit_step_cost(args.operations))
+        print(f"   whole limit step in-process (slot, reservation, metrics, release): {step_us:8.2f} µs")
 
-            sim_port = free_port()
-            procs.start([str(BIN), "simulate", "--listen", f"127.0.0.1:{sim_port}"])
-            wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats", time.monotonic() + 20)
+        sim_port = common.free_port()
+        procs.start("simulator", [str(BIN), "simulate", "--listen", f"127.0.0.1:{sim_port}"])
+        wait_http(f"http://127.0.0.1:{sim_port}/_sim/stats", time.monotonic() + 20)
 
-            unpaced = {"rate_per_second": 1e6, "burst": 1000, "max_concurrent_per_tenant": None}
-            print(
-                f"\n2. per request through st-proxy serve (wrk -t2 -c{args.connections} -d{args.seconds}s GET {path}; "
-                "rate far above wrk's, so nothing waits)"
+        unpaced = {"rate_per_second": 1e6, "burst": 1000, "max_concurrent_per_tenant": None}
+        print(
+            f"\n2. per request through st-proxy serve (wrk -t2 -c{args.connections} -d{args.seconds}s GET {path}; "
+            "rate far above wrk's, so nothing waits)"
+        )
+        print(f"   {'':24} {'req/s':>9} {'p50':>9} {'p99':>9} {'non-2xx':>8} {'µs/request':>11}")
+        base_rps = None
+        for name, limits, shared in (
+            ("no limits", None, None),
+            ("limits, in-process", unpaced, None),
+            ("limits, Redis", unpaced, redis_port),
+        ):
+            proc, url = serve(
+                procs, proxy_config(directory, name.replace(" ", "_").replace(",", ""), sim_port, limits, shared)
             )
-            print(f"   {'':24} {'req/s':>9} {'p50':>9} {'p99':>9} {'non-2xx':>8} {'µs/request':>11}")
-            base_rps = None
-            for name, limits, shared in (
-                ("no limits", None, None),
-                ("limits, in-process", unpaced, None),
-                ("limits, Redis", unpaced, redis_port),
-            ):
-                proc, url = serve(
-                    procs, proxy_config(directory, name.replace(" ", "_").replace(",", ""), sim_port, limits, shared)
-                )
-                result = wrk(url + path, args.seconds, args.connections)
-                procs.stop(proc)
-                rps = float(result["rps"])
-                base_rps = base_rps or rps
-                extra = (1 / rps - 1 / base_rps) * 1e6
-                print(
-                    f"   {name:24} {result['rps']:>9} {result['p50']:>9} {result['p99']:>9} {result['non_2xx']:>8} "
-                    f"{extra:>+10.0f}"
-                )
-
-            paced = {"rate_per_second": args.rate, "burst": 10, "max_wait_seconds": 5}
+            result = wrk(url + path, args.seconds, args.connections)
+            proc.stop()
+            rps = float(result["rps"])
+            base_rps = base_rps or rps
+            extra = (1 / rps - 1 / base_rps) * 1e6
             print(
-                f"\n3. aggregate rate at the simulator, replicas sharing Redis, budget {args.rate:g}/s "
-                f"(burst 10), wrk -c{args.connections} per replica for {args.seconds}s"
+                f"   {name:24} {result['rps']:>9} {result['p50']:>9} {result['p99']:>9} {result['non_2xx']:>8} "
+                f"{extra:>+10.0f}"
             )
-            for replicas in (1, 2, 3):
-                servers = [
-                    serve(procs, proxy_config(directory, f"replica{replicas}-{i}", sim_port, paced, redis_port))
-                    for i in range(replicas)
-                ]
-                before = sim_requests(sim_port)
-                started = time.monotonic()
-                results = _parallel_wrk([url + path for _, url in servers], args.seconds, args.connections)
-                elapsed = time.monotonic() - started
-                received = sim_requests(sim_port) - before
-                callers = sum(float(r["rps"]) for r in results)
-                print(
-                    f"   {replicas} replica(s): {received / elapsed:6.1f} requests/s reached the simulator "
-                    f"({received} in {elapsed:.1f}s); callers were answered {callers:.1f}/s "
-                    f"(non-2xx: {sum(int(r['non_2xx']) for r in results)})"
-                )
-                for proc, _ in servers:
-                    procs.stop(proc)
-        finally:
-            procs.stop_all()
+
+        paced = {"rate_per_second": args.rate, "burst": 10, "max_wait_seconds": 5}
+        print(
+            f"\n3. aggregate rate at the simulator, replicas sharing Redis, budget {args.rate:g}/s "
+            f"(burst 10), wrk -c{args.connections} per replica for {args.seconds}s"
+        )
+        for replicas in (1, 2, 3):
+            servers = [
+                serve(procs, proxy_config(directory, f"replica{replicas}-{i}", sim_port, paced, redis_port))
+                for i in range(replicas)
+            ]
+            before = sim_requests(sim_port)
+            started = time.monotonic()
+            results = _parallel_wrk([url + path for _, url in servers], args.seconds, args.connections)
+            elapsed = time.monotonic() - started
+            received = sim_requests(sim_port) - before
+            callers = sum(float(r["rps"]) for r in results)
+            print(
+                f"   {replicas} replica(s): {received / elapsed:6.1f} requests/s reached the simulator "
+                f"({received} in {elapsed:.1f}s); callers were answered {callers:.1f}/s "
+                f"(non-2xx: {sum(int(r['non_2xx']) for r in results)})"
+            )
+            for proc, _ in servers:
+                proc.stop()
     print(f"\n{os.cpu_count()} cores shared by wrk, the proxies, the simulator and redis-server")
     return 0
 
