@@ -5,6 +5,7 @@ host, it serves the tunnel itself and forwards to the simulator that the product
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -349,33 +350,12 @@ async def test_a_tunnel_relays_large_bodies_both_ways_and_half_closes(simulator,
         server.close()
 
 
-async def test_an_idle_tunnel_is_closed(simulator, forward_stack, ca):
-    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
-    proxy = await tunnel_proxy(stack, tunnel_idle_timeout=0.3)
-    closed = asyncio.Event()
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-        closed.set()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address.port)
-        writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
-        assert await asyncio.wait_for(reader.read(), 10) == b""  # the proxy closed it: no bytes for 0.3 s
-        await asyncio.wait_for(closed.wait(), 10)  # and the far side too
-        writer.close()
-    finally:
-        server.close()
-        await proxy.close()
-
-
-async def test_closing_the_forward_proxy_closes_its_open_tunnels(simulator, forward_stack, ca):
-    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
-    proxy = await tunnel_proxy(stack)
+@contextlib.asynccontextmanager
+async def tunnel_to_a_silent_host(
+    proxy: ForwardProxy,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Event]]:
+    """A tunnel through ``proxy`` to a loopback server that never writes; yields the app's side of it and an event
+    set when the server sees its side closed."""
     far_side_closed = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -389,12 +369,30 @@ async def test_closing_the_forward_proxy_closes_its_open_tunnels(simulator, forw
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.address.port)
         writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
-        await proxy.close()
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-        await asyncio.wait_for(far_side_closed.wait(), 10)
+        yield reader, writer, far_side_closed
         writer.close()
     finally:
         server.close()
+
+
+async def test_an_idle_tunnel_is_closed(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
+    proxy = await tunnel_proxy(stack, tunnel_idle_timeout=0.3)
+    try:
+        async with tunnel_to_a_silent_host(proxy) as (reader, _, far_side_closed):
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # the proxy closed it: no bytes for 0.3 s
+            await asyncio.wait_for(far_side_closed.wait(), 10)  # and the far side too
+    finally:
+        await proxy.close()
+
+
+async def test_closing_the_forward_proxy_closes_its_open_tunnels(simulator, forward_stack, ca):
+    stack = await forward_stack(production_at(simulator, ca, other_hosts="tunnel"))
+    proxy = await tunnel_proxy(stack)
+    async with tunnel_to_a_silent_host(proxy) as (reader, _, far_side_closed):
+        await proxy.close()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await asyncio.wait_for(far_side_closed.wait(), 10)
 
 
 async def test_inside_a_tunnel_the_connect_stands_for_the_required_header(simulator, forward_stack, ca):
