@@ -8,7 +8,6 @@ import math
 from aiohttp import web
 
 from ..errors import ProxyError
-from .headers import SERVER
 
 # A tag URI (RFC 4151): an identifier that names the problem without pointing at an address; RFC 9457 section 3.1.1
 # allows a non-resolvable type URI. The codes are documented in docs/errors.md.
@@ -25,7 +24,7 @@ def problem_response(error: ProxyError, request_id: str | None) -> web.Response:
         "tenant": error.tenant,
         "request_id": request_id,
     }
-    headers = {**error.headers, ERROR_HEADER: error.code, "Server": SERVER}
+    headers = {**error.headers, ERROR_HEADER: error.code}  # Server: the app's hook (headers.server_header)
     if request_id:
         headers["X-Request-ID"] = request_id
     if error.retry_after is not None:
